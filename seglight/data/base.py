@@ -1,0 +1,429 @@
+"""SegmentationDataModule, the base of every dataset, and the image/mask Dataset.
+
+The label contract: a batch is {"image": float32 [B, C, H, W] normalised, "mask": int64 [B, H, W],
+"name": list[str]}; mask values are class indices in [0, num_classes) or `ignore_index` (255).
+Each dataset maps its own void label to 255 when it reads a mask (a 256-entry lookup table).
+
+Masks are checked before training: every mask of the splits being set up is read once, and a
+value outside [0, num_classes) that is not 255, or a mask whose size differs from its image's, is
+an error naming the files. A passed check is remembered (keyed on the files' paths, sizes and
+modification times) in ~/.cache/seglight/verified, so the next run starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from seglight.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+
+DATASETS: dict[str, type[SegmentationDataModule]] = {}
+
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def data_home() -> Path:
+    """Where datasets live by default: $SEGLIGHT_DATA, else ./data."""
+    return Path(os.environ.get("SEGLIGHT_DATA", "data")).expanduser()
+
+
+# --------------------------------------------------------------------------------- reading files
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W] RGB (torchvision's libjpeg-turbo / libpng decoders)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError for corrupt files
+        raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
+
+
+def read_mask(path: Path, label_map: np.ndarray | None = None) -> np.ndarray:
+    """Class-index mask [H, W] from a single-channel image (mode L, P, I;16 or I).
+
+    `label_map`, a 256-entry lookup table, remaps 8-bit values (e.g. a void label to 255).
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I;16", "I", "1"):
+                raise DataError(
+                    f"mask {str(path)!r} is a {im.mode} image; expected single-channel class indices "
+                    "(mode L or P). Is it a colour-coded mask?"
+                )
+            mask = np.array(im)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for broken files
+        raise DataError(f"cannot read mask {str(path)!r}: {e}") from e
+    if label_map is not None:
+        if mask.dtype != np.uint8:
+            raise DataError(f"mask {str(path)!r} is {mask.dtype}; this dataset expects 8-bit masks")
+        mask = label_map[mask]
+    return mask
+
+
+def invalid_values(mask: np.ndarray, num_classes: int, ignore_index: int) -> list[int]:
+    """The values of `mask` that are neither a class index nor the ignore index."""
+    values = np.unique(mask)
+    return [int(v) for v in values if not (0 <= v < num_classes or v == ignore_index)]
+
+
+def find_pairs(
+    image_dir: Path,
+    mask_dir: Path,
+    image_exts: Sequence[str] = IMAGE_EXTENSIONS,
+    mask_exts: Sequence[str] = MASK_EXTENSIONS,
+) -> list[tuple[Path, Path]]:
+    """Match images and masks by file stem, whatever the image's extension (.png, .jpg, ...)."""
+    for d, what in ((image_dir, "image"), (mask_dir, "mask")):
+        if not d.is_dir():
+            raise DataError(f"{what} folder {str(d)!r} does not exist")
+    images = _files_by_stem(image_dir, image_exts)
+    masks = _files_by_stem(mask_dir, mask_exts)
+    if not images:
+        raise DataError(f"no images ({', '.join(image_exts)}) in {str(image_dir)!r}")
+    unmatched = sorted(set(images) - set(masks))
+    if unmatched:
+        shown = ", ".join(images[s].name for s in unmatched[:5])
+        raise DataError(
+            f"{len(unmatched)} image(s) in {str(image_dir)!r} have no mask of the same name in "
+            f"{str(mask_dir)!r}: {shown}{' ...' if len(unmatched) > 5 else ''}"
+        )
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def _files_by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() in exts and not p.name.startswith("."):
+            if p.stem in found:
+                raise DataError(
+                    f"two files named {p.stem!r} in {str(folder)!r}: {found[p.stem].name}, {p.name}"
+                )
+            found[p.stem] = p
+    return found
+
+
+# --------------------------------------------------------------------------------- the dataset
+class SegmentationDataset(Dataset):
+    """Image/mask file pairs -> {"image": float [3, H, W], "mask": int64 [H, W], "name": str}.
+
+    Args:
+        pairs: (image path, mask path) tuples; a mask path of None gives an all-ignore mask
+            (images without labels, for predict).
+        num_classes: valid mask values are [0, num_classes) and ignore_index.
+        transform: joint image+mask transform (TrainTransform / EvalTransform).
+        label_map: 256-entry lookup table applied to the raw mask values.
+        ignore_index: the ignore label.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path | None]],
+        num_classes: int,
+        transform: Transform,
+        label_map: np.ndarray | None = None,
+        ignore_index: int = 255,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.num_classes = num_classes
+        self.transform = transform
+        self.label_map = label_map
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw image uint8 [3, H, W] and checked mask uint8/int [H, W]."""
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        if mask_path is None:
+            return image, torch.full(image.shape[-2:], self.ignore_index, dtype=torch.uint8)
+        mask = read_mask(mask_path, self.label_map)
+        if mask.shape != tuple(image.shape[-2:]):
+            raise DataError(
+                f"mask {str(mask_path)!r} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                f"{str(image_path)!r} is {image.shape[-2]}x{image.shape[-1]}"
+            )
+        mask = torch.from_numpy(
+            mask.astype(np.int64) if mask.dtype not in (np.uint8, np.int64) else mask
+        )
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            raise DataError(
+                f"mask {str(mask_path)!r} has values {invalid_values(mask.numpy(), self.num_classes, self.ignore_index)}"
+                f" outside [0, {self.num_classes}) that are not the ignore index {self.ignore_index}"
+            )
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.transform(*self.load(index))
+        return {"image": image, "mask": mask, "name": self.pairs[index][0].stem}
+
+
+def verify_pairs(
+    pairs: Sequence[tuple[Path, Path | None]],
+    num_classes: int,
+    ignore_index: int = 255,
+    label_map: np.ndarray | None = None,
+    what: str = "dataset",
+    use_cache: bool = True,
+) -> None:
+    """Read every mask once and raise DataError listing each bad file (values or size)."""
+    pairs = [(i, m) for i, m in pairs if m is not None]
+    if not pairs:
+        return
+    cache = _verified_cache_file(pairs, num_classes, ignore_index, label_map) if use_cache else None
+    if cache is not None and cache.exists():
+        return
+
+    def check(pair: tuple[Path, Path]) -> str | None:
+        image_path, mask_path = pair
+        try:
+            mask = read_mask(mask_path, label_map)
+            with Image.open(image_path) as im:  # reads the header only
+                width, height = im.size
+        except DataError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001
+            return f"cannot read image {str(image_path)!r}: {e}"
+        if mask.shape != (height, width):
+            return (
+                f"mask {str(mask_path)!r} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                f"{image_path.name} is {height}x{width}"
+            )
+        bad = invalid_values(mask, num_classes, ignore_index)
+        if bad:
+            return (
+                f"mask {str(mask_path)!r} has values {bad} outside [0, {num_classes}) "
+                f"that are not the ignore index {ignore_index}"
+            )
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        problems = [p for p in pool.map(check, pairs) if p is not None]
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(
+            f"{len(problems)} of {len(pairs)} {what} masks are invalid:\n  {shown}{more}"
+        )
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"files": len(pairs), "what": what}))
+        except OSError:
+            pass  # the cache is an optimisation only
+
+
+def _verified_cache_file(pairs, num_classes, ignore_index, label_map) -> Path | None:
+    digest = hashlib.sha256(f"{num_classes}:{ignore_index}".encode())
+    if label_map is not None:
+        digest.update(label_map.tobytes())
+    try:
+        for image_path, mask_path in pairs:
+            for p in (image_path, mask_path):
+                st = p.stat()
+                digest.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    home = Path(os.environ.get("SEGLIGHT_CACHE", Path.home() / ".cache" / "seglight"))
+    return home / "verified" / digest.hexdigest()
+
+
+def collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Stack samples; images of different sizes are padded (bottom/right) to the largest, with 0
+    (the mean colour after normalisation) in the image and the ignore index in the mask."""
+    h = max(s["mask"].shape[-2] for s in samples)
+    w = max(s["mask"].shape[-1] for s in samples)
+    images = samples[0]["image"].new_zeros((len(samples), samples[0]["image"].shape[0], h, w))
+    masks = torch.full((len(samples), h, w), ignore_index, dtype=torch.long)
+    for i, s in enumerate(samples):
+        sh, sw = s["mask"].shape[-2:]
+        images[i, :, :sh, :sw] = s["image"]
+        masks[i, :sh, :sw] = s["mask"]
+    return {"image": images, "mask": masks, "name": [s["name"] for s in samples]}
+
+
+# --------------------------------------------------------------------------------- the datamodule
+class SegmentationDataModule(L.LightningDataModule):
+    """Base of every dataset: the splits, the augmentation, the loaders.
+
+    A subclass sets `class_names` and `palette` (class attributes, or in __init__ when they come
+    from the data) and implements `build_dataset(split, train)`.
+
+    Args:
+        batch_size: training batch size (per device).
+        val_batch_size: validation/test/predict batch size (default: batch_size).
+        num_workers: loader worker processes (default: min(4, CPU count)); 0 loads in the main process.
+        crop_size: training crop (H, W); null trains on full images without scaling.
+        scale_range: random scale range before cropping.
+        hflip: random horizontal flips in training.
+        color_jitter: brightness/contrast/saturation jitter strength in training (0 disables).
+        check_masks: read every mask before training and fail on bad values or sizes.
+        pin_memory: pinned host memory for faster host-to-GPU copies (default: when CUDA is available).
+        predict_split: the split that `predict` runs on.
+    """
+
+    class_names: ClassVar[tuple[str, ...]] = ()
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = ()
+    ignore_index: int = 255
+    in_channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    #: 256-entry lookup table applied to raw mask values, or None
+    label_map: np.ndarray | None = None
+    #: the splits this dataset has
+    splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+
+    registry: ClassVar[dict[str, type[SegmentationDataModule]]] = DATASETS
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        DATASETS[cls.__name__] = cls
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int | None = None,
+        crop_size: tuple[int, int] | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        color_jitter: float = 0.2,
+        check_masks: bool = True,
+        pin_memory: bool | None = None,
+        predict_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if crop_size is not None and (len(crop_size) != 2 or min(crop_size) < 1):
+            raise DataError(f"crop_size must be [height, width], got {crop_size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise DataError(
+                f"scale_range must be [low, high] with 0 < low <= high, got {scale_range}"
+            )
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.crop_size = tuple(crop_size) if crop_size else None
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+        self.color_jitter = color_jitter
+        self.check_masks = check_masks
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.predict_split = predict_split
+        self.datasets: dict[str, Dataset] = {}
+
+    # ---------------------------------------------------------------------- what the model sees
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train_transform(self) -> Transform:
+        return TrainTransform(
+            self.crop_size,
+            self.scale_range,
+            self.hflip,
+            self.color_jitter,
+            self.mean,
+            self.std,
+            self.ignore_index,
+        )
+
+    def eval_transform(self) -> Transform:
+        return EvalTransform(self.mean, self.std)
+
+    # ---------------------------------------------------------------------- splits
+    def build_dataset(self, split: str, train: bool) -> Dataset:
+        """The dataset of `split`, with training augmentation if `train`."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": ["test"],
+            "predict": [self.predict_split],
+        }.get(stage or "fit", list(self.splits))
+        for split in wanted:
+            if split in self.datasets:
+                continue
+            if split not in self.splits:
+                raise DataError(
+                    f"{type(self).__name__} has no split {split!r} (it has {', '.join(self.splits)})"
+                )
+            dataset = self.build_dataset(split, train=split == "train")
+            if len(dataset) == 0:
+                raise DataError(f"{type(self).__name__}: the {split} split is empty")
+            if self.check_masks and isinstance(dataset, SegmentationDataset):
+                verify_pairs(
+                    dataset.pairs,
+                    self.num_classes,
+                    self.ignore_index,
+                    self.label_map,
+                    f"{type(self).__name__} {split}",
+                )
+            self.datasets[split] = dataset
+
+    # ---------------------------------------------------------------------- loaders
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the split by repeating samples so that
+            # every rank gets as many; that would count them twice in the metrics. This one does not.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=train and len(dataset) > batch_size,
+            collate_fn=collate if self.ignore_index == 255 else _Collate(self.ignore_index),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_split, self.val_batch_size, train=False)
+
+
+class _Collate:
+    def __init__(self, ignore_index: int) -> None:
+        self.ignore_index = ignore_index
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.ignore_index)

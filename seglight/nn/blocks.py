@@ -1,0 +1,92 @@
+"""Small building blocks shared by the architectures.
+
+Every architecture file imports from here instead of re-writing the same conv-norm-act stack,
+so a fix (or a faster kernel) lands everywhere at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d -> BatchNorm2d -> ReLU, with "same" padding for odd kernels.
+
+    The conv has no bias when a norm follows (the norm's shift makes it redundant).
+    Shapes: [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: bool = True,
+        act: bool = True,
+    ) -> None:
+        padding = dilation * (kernel_size - 1) // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=not norm,
+            )
+        ]
+        if norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 ConvNormAct: the basic block of U-Net's encoder and decoder."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: bool = True) -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, norm=norm),
+            ConvNormAct(out_channels, out_channels, norm=norm),
+        )
+
+
+def pad_or_crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad (bottom/right) or crop `x` [B,C,h,w] to spatial `size` (H, W).
+
+    Used after a stride-2 transposed convolution, whose output is one pixel short of an
+    odd-sized skip connection; padding keeps the learned upsampling exact elsewhere.
+    """
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if dh == 0 and dw == 0:
+        return x
+    return F.pad(x, (0, dw, 0, dh))  # negative pads crop
+
+
+def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize `x` [B,C,h,w] to spatial `size`; a no-op when it already has that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs (fan_out, ReLU), unit norms, zero biases: the usual from-scratch init."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

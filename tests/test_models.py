@@ -1,0 +1,86 @@
+"""Every registered architecture: logits at the input size for odd sizes, backward to every
+parameter, train and eval modes, other input channel counts. New architectures are covered by
+registering them; these tests need no edit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seglight.models import MODELS, UNet, UNetNetwork
+
+SIZES = [(1, 97, 131), (2, 64, 64)]
+
+
+def build(name: str, num_classes: int = 5, in_channels: int = 3):
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("batch,h,w", SIZES)
+def test_logits_at_input_size_and_backward_reaches_every_parameter(name, batch, h, w):
+    torch.manual_seed(0)
+    model = build(name).train()
+    x = torch.randn(batch, 3, h, w)
+    out = model.net(x)
+    logits = out["out"] if isinstance(out, dict) else out
+    assert logits.shape == (batch, 5, h, w)
+    loss = model.compute_loss(out, torch.randint(0, 5, (batch, h, w)))
+    loss.backward()
+    no_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum())
+    ]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (batch, 5, h, w)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_other_input_channels(name):
+    model = build(name, num_classes=3, in_channels=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 45, 61)).shape == (1, 3, 45, 61)
+
+
+def test_original_unet_matches_the_paper():
+    net = UNetNetwork(num_classes=2, encoder="original", norm=False)
+    # Ronneberger et al.: 64..1024 channels, 4 poolings, ~31M parameters
+    assert net.encoder.channels == [64, 128, 256, 512, 1024]
+    assert 30.5e6 < sum(p.numel() for p in net.parameters()) < 31.5e6
+    assert isinstance(net.decoder.blocks[0].up, torch.nn.ConvTranspose2d)
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "nearest", "bilinear"])
+@pytest.mark.parametrize("encoder", ["original", "resnet18"])
+def test_unet_variants_odd_sizes(encoder, upsampling):
+    net = UNetNetwork(3, encoder=encoder, base_channels=8, upsampling=upsampling).eval()
+    with torch.no_grad():
+        for h, w in [(33, 47), (1 + 32, 1 + 64), (17, 9)]:
+            assert net(torch.randn(1, 3, h, w)).shape == (1, 3, h, w)
+
+
+def test_timm_encoder_matches_smp_parameter_count():
+    # segmentation_models_pytorch's Unet(resnet34, classes=11): 24,436,369 + a 3x3 head; ours uses
+    # a 1x1 head: the same network otherwise
+    net = UNetNetwork(11, encoder="resnet34")
+    assert sum(p.numel() for p in net.parameters()) == 24_436_411
+
+
+def test_bad_options_are_clear():
+    with pytest.raises(ValueError, match="unknown timm encoder 'resnet999'"):
+        UNet(num_classes=3, encoder="resnet999")
+    with pytest.raises(ValueError, match="decoder_channels needs at least 4"):
+        UNet(num_classes=3, decoder_channels=[32, 16])
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        UNet(num_classes=3, encoder_weights="imagenet")
+    with pytest.raises(ValueError, match="2 class_names given for num_classes=3"):
+        UNet(num_classes=3, class_names=["a", "b"])
+
+
+def test_network_is_usable_without_lightning():
+    net = UNetNetwork(4, encoder="original", base_channels=4)
+    assert not hasattr(net, "trainer")
+    assert net(torch.randn(1, 3, 20, 20)).shape == (1, 4, 20, 20)
