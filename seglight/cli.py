@@ -376,6 +376,7 @@ def cmd_models(argv: list[str]) -> None:
     table = Table(title="seglight architectures (parameters for 11 classes, default options)")
     table.add_column("model")
     table.add_column("params", justify="right")
+    table.add_column("paper", justify="right")
     table.add_column("description")
     for name, cls in sorted(MODELS.items()):
         try:
@@ -383,7 +384,8 @@ def cmd_models(argv: list[str]) -> None:
             params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
         except Exception as e:  # noqa: BLE001 - show the row anyway
             params = f"error: {e}"
-        table.add_row(name, params, _first_doc_line(cls))
+        paper = f"{cls.paper_params:g}M" if cls.paper_params else "-"
+        table.add_row(name, params, paper, _first_doc_line(cls))
     Console().print(table)
 
 

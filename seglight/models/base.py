@@ -77,6 +77,10 @@ class SegmentationModel(L.LightningModule):
 
     #: short name -> class of every architecture (filled by subclassing)
     registry: ClassVar[dict[str, type[SegmentationModel]]] = MODELS
+    #: the paper's figures for its reference configuration, for `seglight models`: parameters in
+    #: millions and GFLOPs (None where the paper gives none); the docstring names the table
+    paper_params: ClassVar[float | None] = None
+    paper_gflops: ClassVar[float | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -186,6 +186,8 @@ class UNetNetwork(nn.Module):
 class UNet(SegmentationModel):
     """U-Net (Ronneberger et al. 2015), original or on a timm encoder.
 
+    paper_params: "about 31M" (the paper's text; no FLOPs given).
+
     Args:
         encoder: "original" for the paper's encoder, or any timm model name (e.g. resnet34).
         encoder_weights: null (from scratch), "imagenet", a weights file or a URL.
@@ -195,6 +197,8 @@ class UNet(SegmentationModel):
             nearest for a timm encoder).
         norm: BatchNorm after each convolution (the 2015 paper has none).
     """
+
+    paper_params = 31.0
 
     def __init__(
         self,
