@@ -99,6 +99,11 @@ def test_imagenet_offline_without_cache_is_a_fast_clear_error(tmp_path, monkeypa
     assert "--model.encoder_weights /path/to/" in message  # says how to pass a local file
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def test_weights_from_a_url_served_locally(tmp_path, monkeypatch):
     sd = reference_weights("resnet18", seed=2)
     (tmp_path / "www").mkdir()

