@@ -21,6 +21,12 @@ def build(name: str, num_classes: int = 5, in_channels: int = 3):
 def test_logits_at_input_size_and_backward_reaches_every_parameter(name, batch, h, w):
     torch.manual_seed(0)
     model = build(name).train()
+    # timm's ResNets start the last BatchNorm scale of each block at zero (a good init for
+    # training), which gives the layers inside the block exactly zero gradient at step 0; move the
+    # scales off zero so the check asks "is this parameter connected to the loss?"
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
     x = torch.randn(batch, 3, h, w)
     out = model.net(x)
     logits = out["out"] if isinstance(out, dict) else out
