@@ -2,6 +2,25 @@
 subclass; importing it registers the latter in `MODELS` (short name -> class)."""
 
 from seglight.models.base import MODELS, SegmentationModel
+from seglight.models.deeplab_vgg import DeepLabASPP, DeepLabLargeFOV, DeepLabVGGNetwork
+from seglight.models.deeplabv3 import DeepLabV3, DeepLabV3Plus, DeepLabV3PlusNetwork
+from seglight.models.enet import ENet, ENetNetwork
+from seglight.models.fcdensenet import FCDenseNet56, FCDenseNet67, FCDenseNet103, FCDenseNetNetwork
+from seglight.models.fcn import FCN8s, FCN16s, FCN32s, FCNNetwork
+from seglight.models.gcn import GCN, GCNNetwork
+from seglight.models.gfrnet import GFRNet, GFRNetNetwork
+from seglight.models.ksac import KSAC
+from seglight.models.linknet import LinkNet, LinkNetNetwork
+from seglight.models.pspnet import PSPNet, PSPNetNetwork
+from seglight.models.refinenet import RefineNet, RefineNetNetwork
+from seglight.models.segnet import SegNet, SegNetBasic, SegNetBasicNetwork, SegNetNetwork
 from seglight.models.unet import UNet, UNetNetwork
 
 __all__ = ["MODELS", "SegmentationModel", "UNet", "UNetNetwork"]
+__all__ += ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3PlusNetwork", "KSAC", "PSPNet", "PSPNetNetwork"]
+__all__ += ["GCN", "GCNNetwork", "RefineNet", "RefineNetNetwork"]
+__all__ += ["ENet", "ENetNetwork", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103"]
+__all__ += ["FCDenseNetNetwork", "LinkNet", "LinkNetNetwork"]
+__all__ += ["DeepLabASPP", "DeepLabLargeFOV", "DeepLabVGGNetwork", "FCN8s", "FCN16s", "FCN32s"]
+__all__ += ["FCNNetwork", "GFRNet", "GFRNetNetwork", "SegNet", "SegNetBasic", "SegNetBasicNetwork"]
+__all__ += ["SegNetNetwork"]

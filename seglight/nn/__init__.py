@@ -1,14 +1,24 @@
 """Building blocks shared by the architectures in seglight.models."""
 
 from seglight.nn.blocks import ConvNormAct, DoubleConv, init_weights, pad_or_crop_to, resize_to
+from seglight.nn.context import ASPP, KernelSharingASPP, PyramidPooling, SeparableConv2d
+from seglight.nn.dense import DenseBlock, DenseLayer
 from seglight.nn.encoders import EncoderWeightsError, TimmEncoder
+from seglight.nn.vgg import VGG16, VGGFC, BilinearUpsample, bilinear_kernel, load_vgg16_weights
 
 __all__ = [
+    "ASPP",
     "ConvNormAct",
+    "DenseBlock",
+    "DenseLayer",
     "DoubleConv",
     "EncoderWeightsError",
+    "KernelSharingASPP",
+    "PyramidPooling",
+    "SeparableConv2d",
     "TimmEncoder",
     "init_weights",
     "pad_or_crop_to",
     "resize_to",
 ]
+__all__ += ["VGG16", "VGGFC", "BilinearUpsample", "bilinear_kernel", "load_vgg16_weights"]
