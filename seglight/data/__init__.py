@@ -1,8 +1,31 @@
 """Datasets. Each module defines a SegmentationDataModule subclass; importing it registers it in
 `DATASETS` (short name -> class)."""
 
+from seglight.data.ade20k import ADE20K
 from seglight.data.base import DATASETS, SegmentationDataModule, SegmentationDataset
 from seglight.data.camvid import CamVid
+from seglight.data.camvid_full import CamVidFull
+from seglight.data.cityscapes import Cityscapes
+from seglight.data.coco import COCO, COCOStuff
+from seglight.data.folder import Folder
+from seglight.data.nyudv2 import NYUDv2
+from seglight.data.sunrgbd import SUNRGBD
 from seglight.data.synthetic import Synthetic
+from seglight.data.voc import VOC
 
-__all__ = ["DATASETS", "CamVid", "SegmentationDataModule", "SegmentationDataset", "Synthetic"]
+__all__ = [
+    "ADE20K",
+    "COCO",
+    "DATASETS",
+    "SUNRGBD",
+    "CamVid",
+    "CamVidFull",
+    "Cityscapes",
+    "COCOStuff",
+    "Folder",
+    "NYUDv2",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "Synthetic",
+    "VOC",
+]
