@@ -1,18 +1,24 @@
 """SegmentationModel: the LightningModule every architecture subclasses.
 
 A subclass builds its network (a plain nn.Module) in __init__ and assigns it to `self.net`;
-everything else is here, once: the loss, the metrics, the optimiser and schedule, logging, the
+everything else is here, once: the loss, the metrics, the optimiser and schedule, the weight
+average (EMA), inference recipes (sliding window, test-time augmentation, CRF), logging, the
 end-of-test table, and predict.
 
 The network's forward takes images [B, in_channels, H, W] and returns logits
 [B, num_classes, H, W] at the input's size, or, in training only, a dict
 {"out": logits, "aux": logits or list of logits} whose auxiliary logits (any size; they are
-resized to the mask) are added to the loss with weight `aux_weight` (PSPNet's 0.4).
+resized to the mask) are added to the loss with weight `aux_weight` (PSPNet's 0.4); the same
+loss (`loss`, possibly a weighted sum) is applied to every head.
+
+Conventions for architectures: the backbone is `self.net.encoder` (`encoder_lr_mult` scales its
+learning rate); nothing else is needed for the options here to work.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -20,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seglight.ema import EMA
 from seglight.errors import ConfigError
-from seglight.losses import CrossEntropyLoss, load_class_weights
+from seglight.inference import InferenceConfig, infer
+from seglight.losses import (
+    MEDIAN_FREQUENCY,
+    build_loss,
+    load_class_weights,
+    set_class_weights,
+)
 from seglight.metrics import segmentation_metrics
 
 MODELS: dict[str, type[SegmentationModel]] = {}
@@ -60,9 +73,14 @@ class SegmentationModel(L.LightningModule):
         class_names: class names in index order, for per-class logs (linked from the data).
         ignore_index: target value that is ignored by the loss and the metrics (linked from the data).
         in_channels: image channels (linked from the data).
-        class_weights: cross-entropy class weights: a list, one per class, or a file with them
-            (JSON list or whitespace-separated numbers); null for none.
-        label_smoothing: cross-entropy label smoothing.
+        loss: the training loss: a name (ce, focal, dice, lovasz, ohem, unet; see seglight.losses)
+            or a weighted sum {name: weight}, e.g. {ce: 1.0, dice: 0.5}.
+        loss_options: options of each loss by name, e.g. {focal: {gamma: 2}, ohem: {thresh: 0.7,
+            min_kept: 100000}, unet: {w0: 10, sigma: 5}}.
+        class_weights: class weights for ce, focal, ohem and unet: a list, one per class, a file
+            with them (JSON list or whitespace-separated numbers), "median_frequency" (computed
+            from the training masks at setup, Eigen and Fergus 2015), or null for none.
+        label_smoothing: label smoothing of ce and ohem.
         aux_weight: weight of auxiliary-head losses, when the network has such heads (training only).
         optimizer: "adamw" or "sgd" (Nesterov-free SGD with momentum).
         lr: peak learning rate.
@@ -71,6 +89,14 @@ class SegmentationModel(L.LightningModule):
         scheduler: "poly" ((1 - t)^poly_power, per step), "cosine" or "constant".
         poly_power: exponent of the poly schedule (0.9 in DeepLab/PSPNet).
         warmup_steps: linear warm-up steps before the schedule.
+        encoder_lr_mult: learning-rate multiplier of the encoder (`net.encoder`), e.g. 0.1 for a
+            pretrained backbone.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g.
+            0.999), updated after each optimiser step; validation, test and predict then use the
+            averaged weights, which checkpoints hold. null: off.
+        inference: how validate, test and predict infer (seglight.inference.InferenceConfig):
+            mode (whole | slide), window, overlap, blend, scales, flip, crf (none | dense |
+            conv), crf_options, during_fit (apply to fit's validation too).
         channels_last: use the channels_last memory format on CUDA (faster convolutions).
         compile: torch.compile the network.
     """
@@ -92,6 +118,8 @@ class SegmentationModel(L.LightningModule):
         class_names: list[str] | None = None,
         ignore_index: int = 255,
         in_channels: int = 3,
+        loss: str | dict[str, float] = "ce",
+        loss_options: dict[str, dict[str, Any]] | None = None,
         class_weights: list[float] | str | None = None,
         label_smoothing: float = 0.0,
         aux_weight: float = 0.4,
@@ -102,6 +130,9 @@ class SegmentationModel(L.LightningModule):
         scheduler: Literal["poly", "cosine", "constant"] = "poly",
         poly_power: float = 0.9,
         warmup_steps: int = 0,
+        encoder_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
+        inference: InferenceConfig | None = None,
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
@@ -110,35 +141,79 @@ class SegmentationModel(L.LightningModule):
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}")
-        self.save_hyperparameters()
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) or null, got {ema_decay}")
+        if encoder_lr_mult < 0:
+            raise ConfigError(f"encoder_lr_mult must be >= 0, got {encoder_lr_mult}")
+        # `inference` is not a property of the trained weights: kept out of the checkpoint so
+        # that `test --ckpt_path X --model.inference.flip true` is not overridden by the
+        # checkpoint's hyperparameters (LightningCLI restores those over the command line)
+        self.save_hyperparameters(ignore=["inference"])
+        self.inference = InferenceConfig.from_any(inference)
         self.num_classes = num_classes
         self.class_names = (
             list(class_names) if class_names else [str(i) for i in range(num_classes)]
         )
         self.ignore_index = ignore_index
         self.in_channels = in_channels
-        self.criterion = CrossEntropyLoss(
-            load_class_weights(class_weights, num_classes), ignore_index, label_smoothing
+        self.criterion = build_loss(
+            loss,
+            loss_options,
+            ignore_index,
+            load_class_weights(class_weights, num_classes),
+            label_smoothing,
         )
         self.metrics = nn.ModuleDict(
             {stage: segmentation_metrics(num_classes, ignore_index) for stage in ("val", "test")}
         )
         self.net: nn.Module  # set by the subclass
+        self.ema: EMA | None = None  # created from self.net by _ensure_ema
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_classes, H, W] for images [B, in_channels, H, W]."""
-        out = self.net(image)
+        """Logits [B, num_classes, H, W] for images [B, in_channels, H, W]; in eval mode with
+        `ema_decay` set, from the averaged weights."""
+        net = self.ema.module if self.ema is not None and not self.training else self.net
+        out = net(image)
         return out["out"] if isinstance(out, dict) else out
+
+    def _ensure_ema(self) -> None:
+        if self.hparams.get("ema_decay") is not None and self.ema is None:
+            self.ema = EMA(self.net, self.hparams.ema_decay)  # a copy, on the net's device
 
     def configure_model(self) -> None:
         # called by the Trainer before the model is moved to its device (the formats survive the move)
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         if self.hparams.channels_last and device.type == "cuda":
             self.net.to(memory_format=torch.channels_last)
+        self._ensure_ema()  # before compiling: the average is a copy of the plain network
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net = torch.compile(self.net)
             self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.class_weights == MEDIAN_FREQUENCY and not getattr(self, "_mf_done", False):
+            weights = self._median_frequency_weights()
+            if weights is not None:
+                set_class_weights(self.criterion, weights.to(self.device))
+            self._mf_done = True
+
+    def _median_frequency_weights(self) -> torch.Tensor | None:
+        """Median-frequency class weights of the datamodule's training masks (seglight.stats);
+        None when the data has no training split (e.g. predict on Images: the weights only
+        matter for the losses)."""
+        from seglight.stats import dataset_statistics
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or "train" not in getattr(dm, "splits", ()):
+            return None
+        weights = torch.tensor(dataset_statistics(dm, "train")["weights"], dtype=torch.float32)
+        if self.trainer.is_global_zero:
+            shown = ", ".join(
+                f"{n} {w:.3f}" for n, w in zip(self.class_names, weights.tolist(), strict=True)
+            )
+            print(f"seglight: median-frequency class weights: {shown}", file=sys.stderr)
+        return weights
 
     def _input(self, batch: dict) -> torch.Tensor:
         image = batch["image"]
@@ -163,21 +238,41 @@ class SegmentationModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         output = self.net(self._input(batch))
         loss = self.compute_loss(output, batch["mask"])
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["mask"]),
-        )
+        # not prog_bar: Lightning reads progress-bar values back to the host after every batch (a
+        # sync per step); seglight.callbacks.RichProgressBar shows the loss every few steps instead
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["mask"]))
         return loss
 
+    def _uses_inference_recipe(self, stage: str) -> bool:
+        if self.inference.is_plain:
+            return False
+        if stage == "val" and self._trainer is not None and self.trainer.state.fn == "fit":
+            return self.inference.during_fit
+        return True
+
+    def _rgb(self, batch: dict) -> torch.Tensor:
+        """The batch's images as uint8 RGB [B, 3, H, W] (for the CRFs' colour kernels)."""
+        from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        mean = getattr(dm, "mean", IMAGENET_MEAN)
+        std = getattr(dm, "std", IMAGENET_STD)
+        return denormalize(batch["image"][:, :3], mean[:3], std[:3])
+
+    def predict_scores(self, batch: dict, stage: str = "predict") -> torch.Tensor:
+        """Scores [B, num_classes, H, W] whose argmax is the prediction: the logits, or, with an
+        `inference` recipe (sliding window, TTA, CRF), the log of its averaged probabilities."""
+        image = self._input(batch)
+        if not self._uses_inference_recipe(stage):
+            return self(image)
+        probs = infer(self, image, self.inference, rgb=lambda: self._rgb(batch))
+        return probs.clamp(min=1e-8).log()
+
     def _eval_step(self, batch: dict, stage: str) -> dict:
-        logits = self(self._input(batch))
-        loss = self.criterion(logits, batch["mask"])
+        scores = self.predict_scores(batch, stage)
+        loss = self.criterion(scores, batch["mask"])
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["mask"]))
-        pred = logits.argmax(1)
+        pred = scores.argmax(1)
         self.metrics[stage].update(pred, batch["mask"])
         return {"pred": pred}
 
@@ -188,8 +283,8 @@ class SegmentationModel(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """{"pred": uint8/int64 labels [B, H, W], "name": list of sample names}."""
-        pred = self(self._input(batch)).argmax(1)
+        """{"pred": int64 labels [B, H, W], "name": list of sample names}."""
+        pred = self.predict_scores(batch, "predict").argmax(1)
         return {"pred": pred, "name": batch.get("name")}
 
     # ----------------------------------------------------------------------------- epoch ends
@@ -237,17 +332,59 @@ class SegmentationModel(L.LightningModule):
                 f"the checkpoint was trained for {saved} classes but the data has {self.num_classes} "
                 f"({', '.join(self.class_names)}); use a checkpoint trained on this dataset"
             )
+        self._match_ema_state(checkpoint.get("state_dict", {}))
+
+    def _match_ema_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Make a checkpoint's weights fit this model's EMA setting (edits `state` in place):
+        - this model averages, the checkpoint has no average: the average starts from its weights;
+        - the checkpoint has an average, this model none: evaluate the average (the weights the
+          run was validated with), or, when fitting, continue from the raw weights."""
+        ema_prefix = "ema.module."
+
+        def strip(key: str) -> str:
+            return key.removeprefix("net.").removeprefix("_orig_mod.")
+
+        has_ema = any(k.startswith("ema.") for k in state)
+        if self.hparams.get("ema_decay") is not None:
+            self._ensure_ema()
+            if not has_ema:
+                for key in [k for k in state if k.startswith("net.")]:
+                    state[ema_prefix + strip(key)] = state[key].clone()
+                state["ema.num_updates"] = torch.zeros((), dtype=torch.long)
+        elif has_ema:
+            fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+            if not fitting:
+                for key in [k for k in state if k.startswith("net.")]:
+                    state[key] = state[ema_prefix + strip(key)]
+            for key in [k for k in state if k.startswith("ema.")]:
+                del state[key]
 
     # ----------------------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:
-        """Weight decay on conv/linear weights only, not on norms and biases (standard practice)."""
-        decay, no_decay = [], []
+        """Weight decay on conv/linear weights only, not on norms and biases (standard practice);
+        the encoder's (`net.encoder`) learning rate times `encoder_lr_mult`."""
+        hp = self.hparams
+        mult = hp.get("encoder_lr_mult", 1.0)
+        encoder_ids: set[int] = set()
+        if mult != 1.0:
+            encoder = getattr(getattr(self.net, "_orig_mod", self.net), "encoder", None)
+            if not isinstance(encoder, nn.Module):
+                raise ConfigError(
+                    f"encoder_lr_mult={mult}: {type(self).__name__}'s network has no `encoder` "
+                    "module (the convention for the backbone whose learning rate it scales)"
+                )
+            encoder_ids = {id(p) for p in encoder.parameters()}
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for p in self.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
+            if p.requires_grad:  # the EMA copy has none
+                groups.setdefault((id(p) in encoder_ids, p.ndim <= 1), []).append(p)
         return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": groups[key],
+                "weight_decay": 0.0 if key[1] else hp.weight_decay,
+                "lr": hp.lr * (mult if key[0] else 1.0),
+            }
+            for key in sorted(groups)
         ]
 
     def configure_optimizers(self) -> dict:
@@ -272,8 +409,22 @@ class SegmentationModel(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # free the gradients now: Lightning zeroes them only after the next forward pass, so they
+        # would stay allocated through it, where memory peaks (one more copy of the weights)
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.net)
+
     def configure_callbacks(self) -> list:
-        # every run writes metrics.json (and predict writes masks), whatever callbacks the config lists
+        # every run writes metrics.json (and predict writes masks), whatever callbacks the config
+        # lists; a PredictionWriter configured there (own output_dir, overlays) is kept
         from seglight.callbacks import MetricsSummary, PredictionWriter
 
-        return [MetricsSummary(), PredictionWriter()]
+        callbacks: list = [MetricsSummary()]
+        if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
+            callbacks.append(PredictionWriter())
+        return callbacks
