@@ -1,0 +1,294 @@
+"""`python -m seglight stats`: class pixel frequencies, median-frequency class weights, and the
+data loader's throughput.
+
+    python -m seglight stats --config experiments/unet.yaml --data.root /data/camvid \\
+        [--split train] [--out class_weights.json] [--void-as-class] [--throughput 0,1,2]
+    python -m seglight stats --data CamVid --data.root /data/camvid
+
+Median-frequency balancing (Eigen & Fergus, ICCV 2015; used by SegNet): freq(c) = pixels of
+class c / all pixels of the images in which c is present; w(c) = median over classes of freq /
+freq(c). A class absent from the split gets weight 0 (it has no pixels to weight) and is left out
+of the median. `--void-as-class` also counts the ignored pixels as a class in the median, which
+is how SegNet's published CamVid weights were computed; it scales every weight by the same
+factor, which a weighted-mean cross-entropy cancels, so training is the same either way.
+
+The JSON written by --out is what `class_weights: file.json` of a model reads:
+{"weights": [...], "classes": [...], "frequencies": [...], ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from seglight.data.base import (
+    DATASETS,
+    SegmentationDataModule,
+    SegmentationDataset,
+    invalid_values,
+    read_mask,
+)
+from seglight.errors import ConfigError, DataError
+
+
+# ------------------------------------------------------------------------------- statistics
+def mask_counts(
+    mask: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int = 255, where: str = "mask"
+) -> np.ndarray:
+    """Pixels per class of one mask [H, W]: int64 [num_classes + 1], the last entry counting
+    ignored pixels. A value that is neither a class nor ignore_index is a DataError."""
+    mask = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    bad = invalid_values(mask, num_classes, ignore_index)
+    if bad:
+        raise DataError(
+            f"{where} has values {bad} outside [0, {num_classes}) and not {ignore_index}"
+        )
+    values = np.where(mask == ignore_index, num_classes, mask).ravel()
+    return np.bincount(values, minlength=num_classes + 1)
+
+
+def class_pixel_stats(counts: Iterable[np.ndarray]) -> dict[str, Any]:
+    """Sum per-mask counts (see mask_counts) into
+
+    - pixels[c]: pixels of class c (c = num_classes: the ignored pixels);
+    - image_pixels[c]: all pixels (ignored ones included) of the images where c is present;
+    - images: the number of masks.
+    """
+    pixels = image_pixels = None
+    images = 0
+    for c in counts:
+        if pixels is None:
+            pixels, image_pixels = np.zeros_like(c), np.zeros_like(c)
+        pixels += c
+        image_pixels += (c > 0) * c.sum()
+        images += 1
+    if pixels is None:
+        raise DataError("no masks to count")
+    return {"pixels": pixels, "image_pixels": image_pixels, "images": images}
+
+
+def median_frequency_weights(
+    pixels: np.ndarray, image_pixels: np.ndarray, void_as_class: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weights [C], frequencies [C]) from class_pixel_stats' counts ([C + 1], last = ignored).
+
+    Classes that never occur get frequency 0 and weight 0 and are left out of the median."""
+    pixels, image_pixels = np.asarray(pixels, float), np.asarray(image_pixels, float)
+    freq = np.divide(pixels, image_pixels, out=np.zeros_like(pixels), where=image_pixels > 0)
+    classes = freq if void_as_class else freq[:-1]
+    present = classes[classes > 0]
+    if not len(present):
+        raise DataError("no labelled pixels: cannot compute class frequencies")
+    median = np.median(present)
+    weights = np.divide(median, freq[:-1], out=np.zeros(len(freq) - 1), where=freq[:-1] > 0)
+    return weights, freq[:-1]
+
+
+def split_counts(dm: SegmentationDataModule, split: str) -> Iterator[np.ndarray]:
+    """mask_counts of every mask of a split, un-augmented (file datasets: the mask files only,
+    read in threads, no image decoding)."""
+    if split not in dm.splits:
+        raise ConfigError(
+            f"{type(dm).__name__} has no split {split!r} (it has {', '.join(dm.splits)})"
+        )
+    dataset = dm.build_dataset(split, train=False)
+    c, ignore = dm.num_classes, dm.ignore_index
+    if isinstance(dataset, SegmentationDataset):
+        paths = [m for _, m in dataset.pairs if m is not None]
+
+        def count(path: Path) -> np.ndarray:
+            return mask_counts(read_mask(path, dataset.label_map), c, ignore, f"mask {str(path)!r}")
+
+        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+            yield from pool.map(count, paths)
+    else:
+        for i in range(len(dataset)):
+            yield mask_counts(dataset[i]["mask"], c, ignore, f"{split} sample {i}")
+
+
+def dataset_statistics(
+    dm: SegmentationDataModule, split: str = "train", void_as_class: bool = False
+) -> dict[str, Any]:
+    """Class statistics and median-frequency weights of a split, as written to the JSON file."""
+    counts = class_pixel_stats(split_counts(dm, split))
+    weights, freq = median_frequency_weights(
+        counts["pixels"], counts["image_pixels"], void_as_class
+    )
+    return {
+        "weights": [round(float(w), 6) for w in weights],
+        "classes": list(dm.class_names),
+        "frequencies": [float(f) for f in freq],
+        "pixels": [int(v) for v in counts["pixels"][:-1]],
+        "image_pixels": [int(v) for v in counts["image_pixels"][:-1]],
+        "ignored_pixels": int(counts["pixels"][-1]),
+        "images": counts["images"],
+        "dataset": type(dm).__name__,
+        "split": split,
+        "method": "median frequency balancing (Eigen & Fergus 2015)"
+        + (", ignored pixels counted as a class in the median (SegNet)" if void_as_class else ""),
+    }
+
+
+# ------------------------------------------------------------------------------- throughput
+def loader_throughput(
+    dm: SegmentationDataModule, num_workers: int, batches: int | None = None
+) -> dict[str, float]:
+    """Images/s of the training loader (augmentation included) with `num_workers` workers.
+
+    Returns {"images_per_s": steady rate after the first batch, "first_batch_s": start-up time
+    (worker start and first batch), "images": images timed}. `batches`: stop after this many
+    (default: one epoch).
+    """
+    if "train" not in dm.datasets:
+        dm.datasets["train"] = dm.build_dataset("train", train=True)
+    dm.num_workers = num_workers
+    loader = dm.train_dataloader()
+    start = time.perf_counter()
+    first, images = None, 0
+    try:
+        for i, batch in enumerate(loader):
+            if first is None:
+                first = time.perf_counter()
+            else:
+                images += len(batch["name"])
+            if batches is not None and i + 1 >= batches:
+                break
+    finally:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # persistent workers: do not leave them running
+    if first is None or images == 0:
+        raise DataError("the training loader gave fewer than two batches: cannot time it")
+    return {
+        "images_per_s": images / (time.perf_counter() - first),
+        "first_batch_s": first - start,
+        "images": images,
+    }
+
+
+# ------------------------------------------------------------------------------- command line
+def data_from_args(argv: list[str]) -> tuple[SegmentationDataModule, list[str]]:
+    """Build the DataModule from --config files (their `data:` part, defaults.yaml first),
+    `--data NAME` and `--data.OPTION VALUE`; returns it and the arguments left over."""
+    from seglight.cli import check_class_names, with_defaults
+
+    check_class_names(argv)
+    argv = with_defaults(argv)
+    name, init_args, rest = None, {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, _, inline = arg.partition("=")
+        takes_value = not inline and i + 1 < len(argv)
+        value = inline if inline else (argv[i + 1] if takes_value else None)
+        if key in ("--config", "-c") or key == "--data" or key.startswith("--data."):
+            if value is None:
+                raise ConfigError(f"{key} needs a value")
+            i += 1 if inline else 2
+        else:
+            rest.append(arg)
+            i += 1
+            continue
+        if key in ("--config", "-c"):
+            section = (yaml.safe_load(Path(value).read_text()) or {}).get("data")
+            if isinstance(section, str):
+                section = {"class_path": section}
+            if isinstance(section, dict):
+                new = section.get("class_path", name)
+                if name is not None and new != name:
+                    init_args = {}  # another dataset: the options set so far were for the old one
+                name = new
+                init_args.update(section.get("init_args") or {})
+        elif key == "--data":
+            if name is not None and value != name:
+                init_args = {}
+            name = value
+        else:
+            init_args[key[len("--data.") :]] = yaml.safe_load(value)
+    if name is None:
+        raise ConfigError("no dataset: give --config with a data: section, or --data NAME")
+    short = str(name).rsplit(".", 1)[-1]
+    if short not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}. Known: {', '.join(sorted(DATASETS))}")
+    try:
+        return DATASETS[short](**init_args), rest
+    except TypeError as e:
+        raise ConfigError(f"{short}: bad option ({e})") from e
+
+
+def _print_table(stats: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{stats['dataset']} {stats['split']}: {stats['images']} images, "
+        f"{stats['ignored_pixels']} ignored pixels"
+    )
+    for col in ("class", "pixels", "frequency", "weight"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for c, name in enumerate(stats["classes"]):
+        table.add_row(
+            name,
+            str(stats["pixels"][c]),
+            f"{stats['frequencies'][c]:.5f}",
+            f"{stats['weights'][c]:.4f}",
+        )
+    Console().print(table)
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of `python -m seglight stats`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="seglight stats",
+        description="Class frequencies and median-frequency class weights of a dataset split.",
+        epilog="The dataset: --config FILE (its data: section) and/or --data NAME, then "
+        "--data.OPTION VALUE, as for `seglight fit`.",
+    )
+    parser.add_argument("--split", default="train", help="the split to count (default: train)")
+    parser.add_argument("--out", help="write the statistics and weights to this JSON file")
+    parser.add_argument(
+        "--void-as-class",
+        action="store_true",
+        help="count ignored pixels as a class in the median (SegNet's convention)",
+    )
+    parser.add_argument(
+        "--throughput",
+        metavar="WORKERS",
+        help="also time the training loader with these worker counts, e.g. 0,1,2",
+    )
+    parser.add_argument(
+        "--batches", type=int, help="batches per throughput measurement (default: one epoch)"
+    )
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        return
+    dm, rest = data_from_args(argv)
+    args = parser.parse_args(rest)
+    stats = dataset_statistics(dm, args.split, args.void_as_class)
+    _print_table(stats)
+    if args.out:
+        Path(args.out).write_text(json.dumps(stats, indent=2) + "\n")
+        print(f"seglight: wrote {args.out}", file=sys.stderr)
+    if args.throughput:
+        crop = "x".join(map(str, dm.crop_size)) if dm.crop_size else "full images"
+        for workers in (int(w) for w in args.throughput.split(",")):
+            result = loader_throughput(dm, workers, args.batches)
+            print(
+                f"{type(dm).__name__} train loader, crop {crop}, batch {dm.batch_size}, "
+                f"{workers} worker(s): {result['images_per_s']:.1f} images/s "
+                f"(first batch after {result['first_batch_s']:.2f} s, {result['images']} images "
+                f"timed; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads in the "
+                "main process)"
+            )
