@@ -279,6 +279,9 @@ class SegmentationDataModule(L.LightningDataModule):
         check_masks: read every mask before training and fail on bad values or sizes.
         pin_memory: pinned host memory for faster host-to-GPU copies (default: when CUDA is available).
         predict_split: the split that `predict` runs on.
+        gpu_resident: decode each split once into the device's memory and augment whole batches
+            there (seglight.data.gpu), so training never waits for loader workers; for small
+            datasets (CamVid's train split takes 253 MB).
     """
 
     class_names: ClassVar[tuple[str, ...]] = ()
@@ -310,6 +313,7 @@ class SegmentationDataModule(L.LightningDataModule):
         check_masks: bool = True,
         pin_memory: bool | None = None,
         predict_split: str = "test",
+        gpu_resident: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -330,6 +334,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.check_masks = check_masks
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_split = predict_split
+        self.gpu_resident = gpu_resident
         self.datasets: dict[str, Dataset] = {}
 
     # ---------------------------------------------------------------------- what the model sees
@@ -385,6 +390,10 @@ class SegmentationDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------- loaders
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if self.gpu_resident:
+            from seglight.data.gpu import resident_loader
+
+            return resident_loader(self, split, batch_size, train)
         dataset = self.datasets[split]
         sampler = None
         trainer = self.trainer

@@ -88,6 +88,33 @@ def random_crop(
     )
 
 
+def adjust_colour(
+    image: torch.Tensor,
+    brightness: float | torch.Tensor,
+    contrast: float | torch.Tensor,
+    saturation: float | torch.Tensor,
+) -> torch.Tensor:
+    """Scale brightness, then contrast, then saturation of images [..., 3, H, W] in [0, 255].
+
+    Each factor is a float, or for a batch [B, 3, H, W] a tensor [B] (one factor per image, so a
+    whole batch is jittered at once on its device). Returns the same shape, clamped to [0, 255].
+    """
+
+    def per_image(f: float | torch.Tensor) -> float | torch.Tensor:
+        return f.reshape(*f.shape, 1, 1, 1) if isinstance(f, torch.Tensor) else f
+
+    def gray(x: torch.Tensor) -> torch.Tensor:  # luma [..., 1, H, W]
+        # Python-number weights: a small weight tensor built on a GPU would be a blocking copy
+        return 0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :]
+
+    image = image * per_image(brightness)
+    mean = gray(image).mean((-3, -2, -1), keepdim=True)
+    image = (image - mean) * per_image(contrast) + mean
+    luma = gray(image)
+    image = (image - luma) * per_image(saturation) + luma
+    return image.clamp(0, 255)
+
+
 def color_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
     """Random brightness, contrast and saturation in [1 - strength, 1 + strength], each drawn once.
 
@@ -95,13 +122,8 @@ def color_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
     """
     if strength <= 0:
         return image
-    gray_weights = torch.tensor([0.299, 0.587, 0.114], device=image.device).view(3, 1, 1)
-    image = image * _uniform(1 - strength, 1 + strength)  # brightness
-    gray = (image * gray_weights).sum(0, keepdim=True)
-    image = (image - gray.mean()) * _uniform(1 - strength, 1 + strength) + gray.mean()  # contrast
-    gray = (image * gray_weights).sum(0, keepdim=True)
-    image = (image - gray) * _uniform(1 - strength, 1 + strength) + gray  # saturation
-    return image.clamp(0, 255)
+    lo, hi = 1 - strength, 1 + strength
+    return adjust_colour(image, _uniform(lo, hi), _uniform(lo, hi), _uniform(lo, hi))
 
 
 class TrainTransform:

@@ -1,0 +1,867 @@
+"""`python -m seglight bench`: training and inference speed and peak memory of a seglight
+architecture, side by side with the same network in a hand-written PyTorch loop and with its
+segmentation_models_pytorch / torchvision equivalent, in one process, interleaved; and the
+throughput of a dataset's DataLoader next to its GPU-resident path.
+
+    python -m seglight bench --model UNet --model.encoder resnet34 --size 256 256 --batch-size 2
+    python -m seglight bench --config experiments/unet.yaml --data.root /data/camvid
+
+What is compared, so that the comparison is fair:
+- every peer trains on the same batches, already on the device (no loader in the timing), with
+  seglight's loss, the same optimiser (AdamW or SGD as the model's options say, weight decay on
+  weights only, fused on CUDA), per-step LR schedule, precision (autocast, plus a GradScaler for
+  16-mixed), memory format and torch.compile setting;
+- "seglight": `Trainer.fit` of the SegmentationModel. A callback times whole loop iterations (from
+  the start of a round's first batch to the start of the batch after its last), so Lightning's
+  per-step work (hooks, logging, closure, batch transfer) and the base class's count. No
+  progress bar, logger or checkpointing (a raw loop has none either);
+- "raw loop": a second instance of the same model (same seed), trained by a plain loop:
+  zero_grad, forward, `model.compute_loss`, backward, optimizer.step, scheduler.step;
+- smp / torchvision: the same plain loop on their network, seglight's loss on the main output.
+  smp builds the encoder from timm ("tu-<name>"), so encoders are identical; parameter counts are
+  shown;
+- rounds are interleaved: `--steps` steps of each peer in turn, `--rounds` times, after
+  `--warmup` steps of each; a peer's figure is the median of its rounds (spread: min-max);
+- inference: eval mode, inference_mode, the same autocast; forward and argmax of a batch
+  (seglight's through predict_step), in interleaved rounds. "ms/batch" is the latency at
+  `--batch-size` (use --batch-size 1 for single-image latency);
+- peak memory: the peer's persistent state (parameters, buffers, gradients, optimiser state) plus
+  the most its rounds allocated above what was allocated at their start. On CUDA that is
+  torch.cuda.max_memory_allocated. On the CPU it is the resident set's high-water mark (VmHWM,
+  reset before each round through /proc/self/clear_refs), with glibc set to return freed blocks
+  to the system (a fixed mmap threshold and malloc_trim), so memory one peer freed does not hide
+  the next one's; Linux only, n/a elsewhere. (ru_maxrss only grows and tracemalloc does not see
+  torch's allocations: neither can tell peers in one process apart.)
+
+Peers are optional: smp comes with `pip install segmentation-models-pytorch` (the `bench` extra);
+a missing one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from seglight.errors import ConfigError
+
+PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+#: seglight architecture -> (smp class, {seglight option: smp argument}); the encoder maps to
+#: smp's "tu-<timm name>". Architectures missing here have no smp peer.
+SMP_PEERS: dict[str, tuple[str, dict[str, str]]] = {
+    "UNet": ("Unet", {"decoder_channels": "decoder_channels"}),
+    "LinkNet": ("Linknet", {}),
+    "PSPNet": ("PSPNet", {}),
+    "DeepLabV3": (
+        "DeepLabV3",
+        {
+            "output_stride": "encoder_output_stride",
+            "rates": "decoder_atrous_rates",
+            "separable": "decoder_aspp_separable",
+        },
+    ),
+    "DeepLabV3Plus": (
+        "DeepLabV3Plus",
+        {
+            "output_stride": "encoder_output_stride",
+            "rates": "decoder_atrous_rates",
+            "separable": "decoder_aspp_separable",
+        },
+    ),
+}
+#: caveats shown with an smp peer that is not the same network
+SMP_NOTES = {
+    "PSPNet": "smp's PSPNet stops at encoder depth 3 (no dilated stages): not the same network",
+    "DeepLabV3Plus": "smp's decoder has one depthwise-separable 3x3 conv after ASPP and one after "
+    "the concatenation; seglight's has the paper's two full 3x3 convs (compare per GFLOP)",
+}
+#: seglight architecture -> torchvision segmentation models (ResNet-50, output stride 8)
+TORCHVISION_PEERS = {
+    "DeepLabV3": ["deeplabv3_resnet50", "fcn_resnet50"],
+    "DeepLabV3Plus": ["deeplabv3_resnet50", "fcn_resnet50"],
+    "FCN32s": ["fcn_resnet50"],
+    "FCN16s": ["fcn_resnet50"],
+    "FCN8s": ["fcn_resnet50"],
+}
+
+
+# ------------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MemoryMeter:
+    """Peak bytes allocated during a measured section above what was allocated at its start.
+
+    CUDA: max_memory_allocated. CPU (Linux): the resident set's high-water mark (see the module
+    docstring); `available` is False elsewhere.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.available = device.type == "cuda" or self._prepare_cpu()
+        self._start = 0
+
+    def _prepare_cpu(self) -> bool:
+        status = Path("/proc/self/status")
+        if not status.exists():
+            return False
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+            # a fixed mmap threshold (M_MMAP_THRESHOLD = -3): tensor-sized blocks are mapped and
+            # unmapped on free, instead of glibc raising the threshold and keeping them in its heap
+            self._libc.mallopt(-3, 256 * 1024)
+        except (OSError, AttributeError):
+            self._libc = None
+        return True
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def start(self) -> None:
+        if not self.available:
+            return
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        self._start = self._status_kb("VmRSS") * 1024
+
+    def stop(self) -> int | None:
+        """Bytes above the start, at the peak; None when not available."""
+        if not self.available:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self._start
+        return max(0, self._status_kb("VmHWM") * 1024 - self._start)
+
+
+def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def persistent_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Parameters, buffers, existing gradients and optimiser state of a peer."""
+    tensors: list[torch.Tensor] = [*module.parameters(), *module.buffers()]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()]
+    return _tensor_bytes(iter(tensors))
+
+
+@dataclass
+class Measured:
+    """Seconds and peak bytes per round of one peer, for training or inference."""
+
+    seconds: list[float] = field(default_factory=list)
+    peak: list[int] = field(default_factory=list)
+
+    def add(self, seconds: float, peak: int | None) -> None:
+        self.seconds.append(seconds)
+        if peak is not None:
+            self.peak.append(peak)
+
+
+@dataclass
+class Peer:
+    """One network under test. `step` trains it one step on a batch (None for seglight, which
+    Trainer.fit drives); `predict` gives labels [B, H, W] for images [B, C, H, W]."""
+
+    name: str
+    module: nn.Module
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    step: Callable[[dict], None] | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    gflops: float | None = None  # per image, forward (seglight.profile.count_flops)
+    train: Measured = field(default_factory=Measured)
+    infer: Measured = field(default_factory=Measured)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+# ------------------------------------------------------------------------------- peers
+def _main_output(out: Any) -> torch.Tensor:
+    return out["out"] if isinstance(out, dict) else out
+
+
+def make_optimizer(
+    groups: list[dict], hparams: Any, total_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and per-step schedule that SegmentationModel.configure_optimizers builds."""
+    from seglight.models.base import PolyWithWarmup
+
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if hparams.get("optimizer", "adamw") == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=hparams.lr, momentum=hparams.momentum, **fused)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=hparams.lr, **fused)
+    factor = PolyWithWarmup(
+        total_steps, hparams.warmup_steps, hparams.poly_power, hparams.get("scheduler", "poly")
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights, none on norms and biases (for peers without parameter_groups)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+class Runner:
+    """Builds the hand-written training loop of a peer, at the bench's device and precision."""
+
+    def __init__(
+        self, device: torch.device, precision: str, channels_last: bool, total_steps: int
+    ) -> None:
+        self.device, self.precision = device, precision
+        self.dtype = PRECISIONS[precision]
+        self.channels_last = channels_last and device.type == "cuda"
+        self.total_steps = total_steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def plain_peer(
+        self,
+        name: str,
+        net: nn.Module,
+        loss: Callable[[Any, torch.Tensor], torch.Tensor],
+        groups: list[dict],
+        hparams: Any,
+        compile: bool = False,
+    ) -> Peer:
+        """`net` trained by a plain loop with `loss`, the model's optimiser and schedule."""
+        net.to(self.device)
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
+        run = torch.compile(net) if compile else net
+        optimizer, scheduler = make_optimizer(groups, hparams, self.total_steps, self.device)
+        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+        def step(batch: dict) -> None:
+            # zero_grad first, as Lightning does: gradients live between steps in both
+            optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                value = loss(run(batch["image"]), batch["mask"])
+            if scaler is None:
+                value.backward()
+                optimizer.step()
+            else:
+                scaler.scale(value).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            scheduler.step()
+
+        def predict(image: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return _main_output(run(image)).argmax(1)
+
+        return Peer(name, net, predict, step, optimizer)
+
+
+def smp_network(name: str, hp: Any, num_classes: int, in_channels: int) -> tuple[nn.Module, str]:
+    """segmentation_models_pytorch's equivalent of architecture `name` with the hyperparameters
+    `hp`, on the same timm encoder; raises LookupError (why) when there is none."""
+    spec = SMP_PEERS.get(name)
+    encoder = hp.get("encoder")
+    if spec is None:
+        raise LookupError(f"no smp equivalent of {name} in seglight.bench.SMP_PEERS")
+    if not isinstance(encoder, str) or not _is_timm(encoder):
+        raise LookupError(f"{name} with encoder {encoder!r} has no smp equivalent")
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        raise LookupError(
+            "segmentation-models-pytorch is not installed "
+            "(pip install segmentation-models-pytorch, or seglight[bench])"
+        ) from None
+    smp_name, options = spec
+    kwargs = {theirs: hp[ours] for ours, theirs in options.items() if hp.get(ours) is not None}
+    if "decoder_atrous_rates" in kwargs:  # ours are given at output stride 16
+        kwargs["decoder_atrous_rates"] = [
+            r * 16 // hp.get("output_stride", 16) for r in kwargs["decoder_atrous_rates"]
+        ]
+    net = getattr(smp, smp_name)(
+        encoder_name=f"tu-{encoder}",
+        encoder_weights=None,
+        in_channels=in_channels,
+        classes=num_classes,
+        **kwargs,
+    )
+    return net, f"smp.{smp_name}(tu-{encoder})"
+
+
+def _is_timm(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def build_peers(
+    runner: Runner,
+    cls: type,
+    model_kwargs: dict,
+    num_classes: int,
+    in_channels: int,
+    wanted: set[str],
+    compile: bool,
+) -> tuple[nn.Module, list[Peer], list[str]]:
+    """The seglight model and its peers (raw loop, smp, torchvision), and notes on skipped ones.
+    Every network starts from the same seed."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return cls(num_classes=num_classes, in_channels=in_channels, **model_kwargs)
+
+    model = build()
+    hp, name = model.hparams, cls.__name__
+    notes: list[str] = []
+    peers: list[Peer] = []
+
+    def loss(out: Any, mask: torch.Tensor) -> torch.Tensor:  # seglight's, on the main output
+        return model.criterion(_main_output(out), mask)
+
+    if "raw" in wanted:
+        twin = build().to(runner.device)
+        twin.configure_model()  # the memory format and compilation it gets under the Trainer
+        peers.append(
+            runner.plain_peer(
+                f"raw loop ({name})", twin.net, twin.compute_loss, twin.parameter_groups(), hp
+            )
+        )
+    if "smp" in wanted:
+        try:
+            torch.manual_seed(0)
+            net, label = smp_network(name, hp, num_classes, in_channels)
+        except LookupError as e:
+            notes.append(f"smp peer skipped: {e}")
+        else:
+            if name in SMP_NOTES:
+                notes.append(f"{label}: {SMP_NOTES[name]}")
+            groups = decay_groups(net, hp.weight_decay)
+            peers.append(runner.plain_peer(label, net, loss, groups, hp, compile))
+    if "torchvision" in wanted:
+        from torchvision.models import segmentation
+
+        for tv_name in TORCHVISION_PEERS.get(name, ["deeplabv3_resnet50", "fcn_resnet50"]):
+            torch.manual_seed(0)
+            # weights=None, weights_backbone=None: nothing is downloaded
+            net = getattr(segmentation, tv_name)(
+                weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+            )
+            groups = decay_groups(net, hp.weight_decay)
+            peers.append(
+                runner.plain_peer(f"torchvision {tv_name}", net, loss, groups, hp, compile)
+            )
+    return model, peers, notes
+
+
+# ------------------------------------------------------------------------------- the runs
+class _Batches:
+    """`length` batches cycling over a few fixed ones (a loader for Trainer.fit)."""
+
+    def __init__(self, batches: list[dict], length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self.batches[i % len(self.batches)] for i in range(self.length))
+
+
+def _plus(peak: int | None, state: int) -> int | None:
+    return None if peak is None else peak + state
+
+
+def _timed(
+    work: Callable[[int], Any], steps: int, device: torch.device, meter: MemoryMeter
+) -> tuple[float, int | None]:
+    """Seconds for `steps` calls of work(i), and the peak bytes above the start."""
+    meter.start()
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        work(i)
+    _sync(device)
+    return time.perf_counter() - t0, meter.stop()
+
+
+def bench_training(
+    model: Any,
+    peers: list[Peer],
+    batches: list[dict],
+    runner: Runner,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    cudnn_benchmark: bool = True,
+) -> Measured:
+    """Interleaved training rounds of seglight (inside Trainer.fit) and its peers: at each round
+    boundary a callback closes seglight's round, runs one round of every peer, and opens the next.
+    Returns seglight's rounds; the peers' are recorded in them."""
+    import lightning as L
+
+    device, meter = runner.device, MemoryMeter(runner.device)
+    own = Measured()
+    boundaries = {warmup + k * steps: k for k in range(rounds + 1)}
+
+    def batch(i: int) -> dict:
+        return batches[i % len(batches)]
+
+    def peers_round(first: bool) -> None:
+        for peer in peers:
+            assert peer.step is not None
+            if first:
+                for i in range(warmup):
+                    peer.step(batch(i))
+            seconds, peak = _timed(lambda i, p=peer: p.step(batch(i)), steps, device, meter)
+            peer.train.add(seconds, _plus(peak, persistent_bytes(peer.module, peer.optimizer)))
+
+    class Interleave(L.Callback):
+        calls, t0 = 0, 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            k = boundaries.get(self.calls)
+            self.calls += 1
+            if k is None:
+                return
+            if k > 0:  # close seglight's round k - 1
+                _sync(device)
+                seconds = time.perf_counter() - self.t0
+                state = persistent_bytes(pl_module, trainer.optimizers[0])
+                own.add(seconds, _plus(meter.stop(), state))
+            if k < rounds:
+                peers_round(first=k == 0)
+                meter.start()
+                _sync(device)
+                self.t0 = time.perf_counter()
+
+    total = warmup + rounds * steps + 1  # the last step only closes the last round
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=runner.precision,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        benchmark=cudnn_benchmark if device.type == "cuda" else None,
+        default_root_dir=tempfile.mkdtemp(prefix="seglight-bench-"),
+        callbacks=[Interleave()],
+    )
+    trainer.fit(model, train_dataloaders=_Batches(batches, total))
+    return own
+
+
+def bench_inference(
+    peers: list[Peer],
+    images: torch.Tensor,
+    device: torch.device,
+    rounds: int,
+    steps: int,
+    warmup: int,
+) -> None:
+    """Interleaved inference rounds (eval mode, inference_mode) of every peer."""
+    meter = MemoryMeter(device)
+    for peer in peers:
+        peer.module.eval()
+    with torch.inference_mode():
+        for peer in peers:
+            for _ in range(warmup):
+                peer.predict(images)
+        for _ in range(rounds):
+            for peer in peers:
+                seconds, peak = _timed(lambda i, p=peer: p.predict(images), steps, device, meter)
+                peer.infer.add(seconds, _plus(peak, persistent_bytes(peer.module, None)))
+
+
+def bench_data(
+    datamodule: Any, device: torch.device, rounds: int, max_batches: int | None = None
+) -> list[dict]:
+    """Images/s of the training split through the DataLoader (batches moved to `device`) and
+    through the GPU-resident path (decoded once: `setup_s`), a whole epoch (or `max_batches`)
+    per round, interleaved. Whole epochs, because loader workers stopped mid-epoch would go on
+    prefetching during the other path's round."""
+    from seglight.data.gpu import ResidentLoader, load_split
+
+    datamodule.setup("fit")
+    datamodule.gpu_resident = False  # the DataLoader row, whatever the config says
+    loader = datamodule.train_dataloader()
+    t0 = time.perf_counter()
+    fill = tuple(round(255 * m) for m in datamodule.mean)
+    split = load_split(datamodule.datasets["train"], device, fill, datamodule.ignore_index)
+    resident = ResidentLoader(split, datamodule.batch_size, datamodule.train_transform())
+    decode_s = time.perf_counter() - t0
+    workers = getattr(loader, "num_workers", 0)
+    rows = [
+        {"path": f"DataLoader ({workers} workers)", "seconds": [], "images": [], "setup_s": None},
+        {"path": f"resident ({device.type})", "seconds": [], "images": [], "setup_s": decode_s},
+    ]
+
+    def epoch(source: Any) -> int:
+        n = 0
+        for i, batch in enumerate(source):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch["image"].to(device, non_blocking=True)
+            batch["mask"].to(device, non_blocking=True)
+            n += len(batch["mask"])
+        return n
+
+    epoch(loader)  # warm-up: starts the workers
+    for _ in range(rounds):
+        for row, source in zip(rows, (loader, resident), strict=True):
+            _sync(device)
+            t0 = time.perf_counter()
+            n = epoch(source)
+            _sync(device)
+            row["seconds"].append(time.perf_counter() - t0)
+            row["images"].append(n)
+    for row in rows:
+        rates = [n / s for n, s in zip(row["images"], row["seconds"], strict=True)]
+        row.update(images_per_s=statistics.median(rates), min=min(rates), max=max(rates))
+    return rows
+
+
+# ------------------------------------------------------------------------------- report
+def summarise(own: Peer, peers: list[Peer], batch_size: int, steps: int) -> dict[str, list]:
+    """Per kind ("train", "infer"), one row per peer: median images/s and the rounds' min-max,
+    ms per batch, peak MB, and the ratios seglight / peer (speed) and seglight / peer (memory)."""
+    out: dict[str, list] = {}
+    for kind in ("train", "infer"):
+        rows = []
+        for peer in [own, *peers]:
+            measured: Measured = getattr(peer, kind)
+            if not measured.seconds:
+                continue
+            rates = [batch_size * steps / s for s in measured.seconds]
+            rows.append(
+                {
+                    "peer": peer.name,
+                    "params": peer.params,
+                    "gflops": peer.gflops,
+                    "images_per_s": statistics.median(rates),
+                    "min": min(rates),
+                    "max": max(rates),
+                    "ms_per_batch": 1000 * statistics.median(measured.seconds) / steps,
+                    "peak_mb": max(measured.peak) / 2**20 if measured.peak else None,
+                }
+            )
+        if rows and own.name == rows[0]["peer"]:
+            ref = rows[0]
+            for row in rows:
+                row["speed_ratio"] = ref["images_per_s"] / row["images_per_s"]
+                row["memory_ratio"] = (
+                    ref["peak_mb"] / row["peak_mb"] if ref["peak_mb"] and row["peak_mb"] else None
+                )
+        out[kind] = rows
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_report(results: dict, console: Any = None) -> None:
+    """Rich tables of a bench run's results (as `run` returns them)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 140))
+    s = results["setup"]
+    console.print(
+        f"[bold]seglight bench[/] on {s['device_name']}, torch {s['torch']} ({s['threads']} threads)"
+    )
+    if results.get("train") or results.get("infer"):
+        console.print(
+            f"{s['model']} {s['model_options']}, input {s['batch_size']}x{s['in_channels']}x"
+            f"{s['size'][0]}x{s['size'][1]}, {s['num_classes']} classes, precision {s['precision']}; "
+            f"{s['rounds']} interleaved rounds x {s['steps']} steps after {s['warmup']} warm-up"
+        )
+    titles = {
+        "train": "training: seglight in Trainer.fit, the others in a plain loop",
+        "infer": "inference: forward + argmax, eval mode (seglight: predict_step)",
+    }
+    for kind, title in titles.items():
+        if not results.get(kind):
+            continue
+        table = Table(title=title, caption="ratio = seglight ÷ peer (speed > 1: seglight faster)")
+        columns = ["peer", "params", "GFLOPs", "ms/batch", "images/s", "min-max"]
+        columns += ["speed ratio", "peak MB", "mem ratio"]
+        for col in columns:
+            table.add_column(col, justify="left" if col == "peer" else "right", no_wrap=True)
+        for row in results[kind]:
+            table.add_row(
+                row["peer"],
+                f"{row['params'] / 1e6:.2f}M",
+                _fmt(row["gflops"], ".1f"),
+                f"{row['ms_per_batch']:.1f}",
+                f"{row['images_per_s']:.2f}",
+                f"{row['min']:.2f}-{row['max']:.2f}",
+                _fmt(row.get("speed_ratio"), ".3f"),
+                _fmt(row["peak_mb"], ".0f"),
+                _fmt(row.get("memory_ratio"), ".3f"),
+            )
+        console.print(table)
+    if results.get("data"):
+        table = Table(title=f"data: {results['data_name']} training split (batches on the device)")
+        for col in ("path", "images/s", "rounds min-max", "setup s"):
+            table.add_column(col, justify="left" if col == "path" else "right")
+        for row in results["data"]:
+            table.add_row(
+                row["path"],
+                f"{row['images_per_s']:.1f}",
+                f"{row['min']:.1f}-{row['max']:.1f}",
+                _fmt(row["setup_s"], ".1f"),
+            )
+        console.print(table)
+    for note in results.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+# ------------------------------------------------------------------------------- configuration
+def _resolve(spec: Any, registry: dict[str, type], group: str) -> tuple[type, dict]:
+    """(class, init_args) from a short name, a class_path or {class_path, init_args}."""
+    if isinstance(spec, dict):
+        name, kwargs = spec.get("class_path"), dict(spec.get("init_args") or {})
+    else:
+        name, kwargs = spec, {}
+    if not isinstance(name, str):
+        raise ConfigError(f"--{group}: expected a class name, got {spec!r}")
+    cls = registry.get(name) or registry.get(name.rsplit(".", 1)[-1])
+    if cls is None:
+        raise ConfigError(f"--{group}: unknown {name!r} (known: {', '.join(sorted(registry))})")
+    return cls, kwargs
+
+
+def _set_dotted(target: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[last] = value
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
+    """The bench's options, and the --model.X / --data.X overrides as {group: {X: value}}."""
+    parser = argparse.ArgumentParser(
+        prog="python -m seglight bench",
+        description="Training and inference speed and peak memory of a seglight architecture "
+        "next to the same network in a raw PyTorch loop, smp and torchvision, interleaved in one "
+        "process; and a dataset's loader throughput. Options of the model: --model.OPTION VALUE; "
+        "of the data: --data.OPTION VALUE.",
+    )
+    add = parser.add_argument
+    add("--config", help="a YAML file with model: and data: sections (e.g. experiments/unet.yaml)")
+    add("--model", help="architecture (see python -m seglight models)")
+    add("--data", help="dataset whose training loader to measure (e.g. CamVid)")
+    add("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="input size")
+    add("--batch-size", type=int, default=2, help="batch size of the model runs")
+    add("--num-classes", type=int, help="default: the data's, else 11")
+    add("--precision", choices=sorted(PRECISIONS), help="default: bf16-mixed on a GPU, else 32")
+    add("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N")
+    add("--rounds", type=int, default=5, help="timed rounds per peer")
+    add("--steps", type=int, default=3, help="steps per round")
+    add("--warmup", type=int, default=2, help="untimed steps of each peer first")
+    add("--peers", default="auto", help="comma-separated: raw, smp, torchvision, none "
+        "(auto: raw, smp, and torchvision for the DeepLab and FCN families)")  # fmt: skip
+    add("--skip", default="", help="comma-separated parts to skip: train, infer, data")
+    add("--data-rounds", type=int, default=3, help="epochs timed per data path")
+    add("--data-batches", type=int, help="batches per data round (default: the whole epoch)")
+    add("--compile", action="store_true", help="torch.compile every network")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="channels_last memory format for every network (on CUDA)")  # fmt: skip
+    add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+        help="torch.backends.cudnn.benchmark (autotuned convolutions for the fixed size)")  # fmt: skip
+    add("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    add("--json", help="also write the results to this JSON file")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, dict] = {"model": {}, "data": {}}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        group = arg[2:].split(".", 1)[0] if arg.startswith("--") and "." in arg else None
+        if group not in overrides:
+            raise ConfigError(
+                f"bench: unknown argument {arg!r} (see python -m seglight bench --help)"
+            )
+        key = arg[len(group) + 3 :]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(rest):
+            i += 1
+            value = rest[i]
+        else:
+            raise ConfigError(f"bench: {arg} needs a value")
+        _set_dotted(overrides[group], key, yaml.safe_load(value))
+        i += 1
+    return args, overrides
+
+
+def _random_batches(
+    n: int, batch_size: int, in_channels: int, size: list[int], num_classes: int, runner: Runner
+) -> list[dict]:
+    """`n` batches of normal images and random masks (5% ignored), on the device."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        image = torch.randn(batch_size, in_channels, *size, generator=g).to(runner.device)
+        mask = torch.randint(0, num_classes, (batch_size, *size), generator=g)
+        mask[torch.rand(mask.shape, generator=g) < 0.05] = 255
+        if runner.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        batches.append({"image": image, "mask": mask.to(runner.device), "name": [""] * batch_size})
+    return batches
+
+
+def run(argv: list[str]) -> dict:
+    """Run the bench for command-line arguments `argv`; prints the tables, returns the results."""
+    from seglight.data.base import DATASETS
+    from seglight.models.base import MODELS
+    from seglight.profile import count_flops
+
+    args, overrides = parse_args(argv)
+    config: dict = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise ConfigError(f"--config {args.config}: no such file")
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+    if not (args.model or config.get("model")):
+        raise ConfigError("bench: give --model NAME (or a --config file with a model: section)")
+    model_cls, model_kwargs = _resolve(args.model or config["model"], MODELS, "model")
+    model_kwargs.update(overrides["model"])
+    shown_options = dict(model_kwargs)
+    skip = {s for s in args.skip.split(",") if s}
+    datamodule = None
+    if (args.data or config.get("data")) and "data" not in skip:
+        data_cls, data_kwargs = _resolve(args.data or config["data"], DATASETS, "data")
+        datamodule = data_cls(**{**data_kwargs, **overrides["data"]})
+
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32")
+    if precision == "16-mixed" and device.type != "cuda":
+        raise ConfigError("--precision 16-mixed needs a CUDA GPU; use bf16-mixed or 32 on the CPU")
+    wanted = {"raw", "smp", "torchvision"} if args.peers == "auto" else set(args.peers.split(","))
+    if wanted - {"raw", "smp", "torchvision", "none"}:
+        raise ConfigError(
+            f"--peers: unknown {sorted(wanted - {'raw', 'smp', 'torchvision', 'none'})}"
+        )
+    if args.peers == "auto" and model_cls.__name__ not in TORCHVISION_PEERS:
+        wanted.discard("torchvision")
+    if {"train", "infer"} <= skip:
+        wanted = set()
+    model_kwargs.update(channels_last=args.channels_last, compile=args.compile)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    num_classes = args.num_classes or (datamodule.num_classes if datamodule is not None else 11)
+    in_channels = datamodule.in_channels if datamodule is not None else 3
+    runner = Runner(
+        device, precision, args.channels_last, args.warmup + args.rounds * args.steps + 1
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+
+    model, peers, notes = build_peers(
+        runner, model_cls, model_kwargs, num_classes, in_channels, wanted, args.compile
+    )
+    batches = _random_batches(2, args.batch_size, in_channels, args.size, num_classes, runner)
+    own = Peer(f"seglight {model_cls.__name__}", model.net, model.forward)
+    for peer in [own, *peers]:
+        peer.gflops = count_flops(peer.module.to(device), (1, in_channels, *args.size)) / 1e9
+    if "train" not in skip:
+        own.train = bench_training(
+            model,
+            peers,
+            batches,
+            runner,
+            args.rounds,
+            args.steps,
+            args.warmup,
+            args.cudnn_benchmark,
+        )
+    if "infer" not in skip:
+        model.to(device)  # Trainer.fit hands the model back on the CPU
+        own.predict = lambda image: model.predict_step({"image": image}, 0)["pred"]
+        images = batches[0]["image"]
+        bench_inference([own, *peers], images, device, args.rounds, args.steps, args.warmup)
+    results: dict[str, Any] = summarise(own, peers, args.batch_size, args.steps)
+    results["notes"] = notes
+    results["setup"] = {
+        "model": model_cls.__name__,
+        "model_options": shown_options,
+        "size": list(args.size),
+        "batch_size": args.batch_size,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "precision": precision,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "command": "python -m seglight bench " + " ".join(argv),
+    }
+    if datamodule is not None:
+        results["data_name"] = type(datamodule).__name__
+        results["data"] = bench_data(datamodule, device, args.data_rounds, args.data_batches)
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of `python -m seglight bench` (seglight.cli.COMMANDS)."""
+    run(argv)

@@ -1,0 +1,216 @@
+"""`python -m seglight bench` on tiny models: the rounds run interleaved and give sensible numbers,
+peers are built fairly (same encoder, no download) or reported missing, the memory meter sees
+what a round allocates, and the data part measures both loader paths."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from seglight.bench import (
+    MemoryMeter,
+    Runner,
+    bench_data,
+    build_peers,
+    parse_args,
+    run,
+)
+from seglight.cli import run as cli_run
+from seglight.data import CamVid
+from seglight.errors import ConfigError
+from seglight.models import MODELS
+
+TINY = ["--model", "UNet", "--model.encoder", "original", "--model.base_channels", "4"]
+FAST = [
+    "--size",
+    "32",
+    "32",
+    "--batch-size",
+    "2",
+    "--rounds",
+    "2",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared, busy CPU two threads wait on each other for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cpu_runner() -> Runner:
+    return Runner(torch.device("cpu"), "32", channels_last=True, total_steps=10)
+
+
+def test_bench_runs_seglight_and_the_raw_loop_interleaved(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = run([*TINY, *FAST, "--peers", "raw", "--json", str(out)])
+    assert json.loads(out.read_text())["setup"]["model"] == "UNet"
+    for kind in ("train", "infer"):
+        rows = results[kind]
+        assert [r["peer"] for r in rows] == ["seglight UNet", "raw loop (UNet)"]
+        assert rows[0]["params"] == rows[1]["params"] > 0  # the same network
+        assert rows[0]["speed_ratio"] == 1.0
+        for row in rows:
+            assert row["images_per_s"] > 0 and row["min"] <= row["images_per_s"] <= row["max"]
+            assert row["speed_ratio"] == pytest.approx(
+                rows[0]["images_per_s"] / row["images_per_s"]
+            )
+            if sys.platform == "linux":  # parameters + Adam state at the least
+                assert row["peak_mb"] > 0
+    printed = capsys.readouterr().out
+    assert "training: seglight in Trainer.fit" in printed and "raw loop (UNet)" in printed
+
+
+def test_interleaving_alternates_rounds():
+    """Each peer's round runs between two of seglight's: the callback calls the peers at round
+    boundaries inside Trainer.fit."""
+    from seglight.bench import _random_batches, bench_training
+
+    runner = cpu_runner()
+    model, peers, _ = build_peers(
+        runner, MODELS["UNet"], {"encoder": "original", "base_channels": 4}, 3, 3, {"raw"}, False
+    )
+    order: list[str] = []
+    peer = peers[0]
+    step = peer.step
+    peer.step = lambda batch: (order.append("raw"), step(batch))[1]
+    forward = model.training_step
+    model.training_step = lambda *a, **k: (order.append("seglight"), forward(*a, **k))[1]
+    batches = _random_batches(2, 2, 3, [32, 32], 3, runner)
+    seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1)
+    assert len(seglight.seconds) == len(peer.train.seconds) == 3
+    # warm-up 1 + 3 rounds x 2 steps + 1 closing step for seglight; the peer: warm-up + rounds
+    assert (
+        order
+        == ["seglight", "raw", "raw", "raw"]
+        + (["seglight"] * 2 + ["raw"] * 2) * 2
+        + ["seglight"] * 3
+    )
+
+
+def test_missing_smp_is_reported_and_skipped(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)  # import fails
+    _, peers, notes = build_peers(
+        cpu_runner(), MODELS["UNet"], {"encoder": "resnet18"}, 3, 3, {"raw", "smp"}, False
+    )
+    assert [p.name for p in peers] == ["raw loop (UNet)"]
+    assert notes == [
+        "smp peer skipped: segmentation-models-pytorch is not installed "
+        "(pip install segmentation-models-pytorch, or seglight[bench])"
+    ]
+    run([*TINY, *FAST, "--skip", "train", "--peers", "smp"])
+    assert "has no smp equivalent" in capsys.readouterr().out  # the original U-Net: no smp twin
+
+
+def test_smp_peers_use_the_same_encoder():
+    pytest.importorskip("segmentation_models_pytorch")
+    for name, options in (
+        ("UNet", {"encoder": "resnet18"}),
+        ("DeepLabV3Plus", {"encoder": "resnet18"}),
+    ):
+        model, peers, notes = build_peers(
+            cpu_runner(), MODELS[name], options, 11, 3, {"smp"}, False
+        )
+        assert len(peers) == 1 and all("skipped" not in n for n in notes)
+        ours, theirs = model.net, peers[0].module
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        assert count(theirs.encoder) == count(ours.encoder)
+        assert peers[0].name.endswith("(tu-resnet18)")
+        with torch.no_grad():
+            assert theirs.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 11, 64, 64)
+    # UNet: identical decoder; the heads differ (smp: 3x3, ours: 1x1), by 1,408 parameters
+    unet, peers, _ = build_peers(
+        cpu_runner(), MODELS["UNet"], {"encoder": "resnet34"}, 11, 3, {"smp"}, False
+    )
+    assert sum(p.numel() for p in peers[0].module.parameters()) - sum(
+        p.numel() for p in unet.net.parameters()
+    ) == 16 * 11 * (9 - 1)
+
+
+def test_torchvision_peers_build_without_downloading(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a peer tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    _, peers, _ = build_peers(
+        cpu_runner(), MODELS["DeepLabV3"], {"encoder": "resnet18"}, 11, 3, {"torchvision"}, False
+    )
+    names = {p.name: p.params for p in peers}
+    assert set(names) == {"torchvision deeplabv3_resnet50", "torchvision fcn_resnet50"}
+    assert 39e6 < names["torchvision deeplabv3_resnet50"] < 40e6  # 39.6M for 11 classes
+    assert 32e6 < names["torchvision fcn_resnet50"] < 33e6
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU meter reads /proc/self")
+def test_memory_meter_sees_each_rounds_allocation():
+    meter = MemoryMeter(torch.device("cpu"))
+    assert meter.available
+    sizes = []
+    for mb in (200, 50, 200):
+        meter.start()
+        block = torch.ones(mb * 2**18)  # mb MB of float32, touched
+        del block
+        sizes.append(meter.stop() / 2**20)
+    # each round sees its own peak, although the first one's memory was freed before the next
+    assert sizes[0] == pytest.approx(200, abs=20)
+    assert sizes[1] == pytest.approx(50, abs=20)
+    assert sizes[2] == pytest.approx(200, abs=20)
+
+
+def test_data_bench_measures_both_paths(fake_camvid):
+    dm = CamVid(root=str(fake_camvid), batch_size=2, num_workers=0, crop_size=(16, 16))
+    rows = bench_data(dm, torch.device("cpu"), rounds=2)
+    assert [r["path"] for r in rows] == ["DataLoader (0 workers)", "resident (cpu)"]
+    for row in rows:
+        assert row["images"] == [6, 6]  # an epoch: 6 training images in batches of 2
+        assert row["images_per_s"] > 0
+    assert rows[1]["setup_s"] > 0
+
+
+def test_bench_is_a_cli_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_run(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "--model.OPTION VALUE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "UNet", "--oops", "1"], "unknown argument '--oops'"),
+        (["--model", "NoSuchNet"], "unknown 'NoSuchNet'"),
+        ([], "give --model NAME"),
+        ([*TINY, "--precision", "16-mixed", "--device", "cpu"], "16-mixed needs a CUDA GPU"),
+        ([*TINY, "--peers", "raw,timm"], "--peers: unknown"),
+        (["--config", "/no/such.yaml"], "no such file"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        run(args)
+
+
+def test_model_and_data_options_from_a_config_and_the_command_line(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model:\n  class_path: UNet\n  init_args:\n    encoder: resnet18\n"
+        "data:\n  class_path: CamVid\n  init_args:\n    batch_size: 8\n"
+    )
+    args, overrides = parse_args(
+        ["--config", str(config), "--model.base_channels=8", "--data.crop_size", "[64, 64]"]
+    )
+    assert args.config == str(config)
+    assert overrides == {"model": {"base_channels": 8}, "data": {"crop_size": [64, 64]}}
