@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from seglight.utils import atomic_write_json, default_palette, git_revision
@@ -23,26 +27,118 @@ def _scalar(value: Any) -> float | None:
 
 
 class MetricsSummary(L.Callback):
-    """Writes <run dir>/metrics.json after each validation and test (rank zero):
+    """Writes <run dir>/metrics.json after each validation and test and at the end of training
+    (rank zero):
 
     {"model": ..., "data": ..., "params": ..., "git": {...}, "val": {metric: value}, "best_val":
-    {... of the epoch with the best val/mIoU}, "test": {...}, "epoch": ..., "step": ...}
+    {... of the epoch with the best val/mIoU}, "test": {...}, "epoch": ..., "step": ...,
+    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss"} for each validation],
+    "throughput": {"train_images_per_s", "train_images", "train_seconds"},
+    "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...]}
 
-    A small, stable summary for comparing runs without W&B. Written atomically.
+    A small, stable summary for comparing runs without W&B (`python -m seglight compare`).
+    Written atomically. Throughput counts the training batches after the first of each epoch
+    (and of each stretch between validations), loading included, on rank zero times the world
+    size. `activations_mb` is what the first training batch's forward pass keeps for the
+    backward pass (distinct tensors, parameters excluded): the activation memory, measured the
+    same way on a CPU or a GPU; `peak_cuda_mb` is the CUDA allocator's peak during fit.
     """
+
+    def __init__(self) -> None:
+        self._images = 0
+        self._seconds = 0.0
+        self._last: float | None = None
+        self._memory: dict[str, Any] = {}
+        self._hooks: Any = None
+
+    # ----------------------------------------------------------------------------- throughput
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None  # the first batch includes the loader's start: not timed
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None  # time spent validating is not training time
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._memory or getattr(pl_module.hparams, "compile", False):
+            return  # measured once; torch.compile and saved-tensor hooks do not mix
+        params = {p.untyped_storage().data_ptr() for p in pl_module.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, ...)
+                return t
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        self._hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), saved)
+        self._hooks[0].__enter__()
+        self._memory["batch_size"] = _batch_size(batch)
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        self._end_activation_count()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        self._end_activation_count()
+        now = time.perf_counter()
+        if self._last is not None:
+            self._seconds += now - self._last
+            self._images += _batch_size(batch) or 0
+        self._last = now
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._end_activation_count()  # never leave the hooks installed in this process
+
+    def _end_activation_count(self) -> None:
+        if self._hooks is not None:
+            hooks, saved = self._hooks
+            hooks.__exit__(None, None, None)
+            self._memory["activations_mb"] = sum(saved.values()) / 2**20
+            self._hooks = None
+
+    # ----------------------------------------------------------------------------- the file
+    def _save(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, summary: dict[str, Any]
+    ) -> None:
+        summary.update(
+            model=type(pl_module).__name__,
+            data=type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
+            params=sum(p.numel() for p in pl_module.parameters()),
+            git=summary.get("git") or git_revision(),
+        )
+        if getattr(pl_module, "class_names", None):  # the order of the classes (keys get sorted)
+            summary["class_names"] = list(pl_module.class_names)
+        if self._seconds > 0:
+            summary["throughput"] = {
+                "train_images_per_s": self._images / self._seconds * trainer.world_size,
+                "train_images": self._images * trainer.world_size,
+                "train_seconds": self._seconds,
+            }
+        memory = dict(self._memory)
+        if pl_module.device.type == "cuda" and trainer.state.fn == "fit":
+            memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        if memory:
+            summary["memory"] = {**summary.get("memory", {}), **memory}
+        atomic_write_json(_summary_path(trainer), summary)
 
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        path = Path(trainer.default_root_dir) / "metrics.json"
-        summary: dict[str, Any] = {}
-        if path.exists():
-            try:
-                import json
-
-                summary = json.loads(path.read_text())
-            except ValueError:
-                summary = {}
         prefix = f"{stage}/"
         values = {
             k[len(prefix) :]: _scalar(v)
@@ -51,25 +147,48 @@ class MetricsSummary(L.Callback):
         }
         if not values:
             return
-        summary.update(
-            model=type(pl_module).__name__,
-            data=type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
-            params=sum(p.numel() for p in pl_module.parameters()),
-            git=summary.get("git") or git_revision(),
-        )
+        summary = _read_summary(trainer)
         summary[stage] = values
         if stage == "val":
-            summary.update(epoch=trainer.current_epoch, step=trainer.global_step)
+            epoch, step = trainer.current_epoch, trainer.global_step
+            summary.update(epoch=epoch, step=step)
             best = summary.get("best_val") or {}
             if values.get("mIoU") is not None and values["mIoU"] >= (best.get("mIoU") or -1):
-                summary["best_val"] = {**values, "epoch": trainer.current_epoch}
-        atomic_write_json(path, summary)
+                summary["best_val"] = {**values, "epoch": epoch}
+            if trainer.state.fn == "fit":
+                point = {k: values.get(k) for k in ("mIoU", "acc", "mAcc", "loss")}
+                # a resumed run may validate a step again: one point per step
+                history = [h for h in summary.get("history", []) if h.get("step") != step]
+                summary["history"] = [*history, {**point, "epoch": epoch, "step": step}]
+        self._save(trainer, pl_module, summary)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._update(trainer, pl_module, "val")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._update(trainer, pl_module, "test")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:  # throughput and memory, also for a fit without validation
+            self._save(trainer, pl_module, _read_summary(trainer))
+
+
+def _summary_path(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / "metrics.json"
+
+
+def _read_summary(trainer: L.Trainer) -> dict[str, Any]:
+    path = _summary_path(trainer)
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return {}
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, dict) and isinstance(batch.get("mask"), torch.Tensor):
+        return len(batch["mask"])
+    return None
 
 
 class ModelCheckpoint(_ModelCheckpoint):
@@ -80,6 +199,32 @@ class ModelCheckpoint(_ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+
+class RichProgressBar(_RichProgressBar):
+    """Lightning's rich progress bar, also showing the training loss, read back from the device
+    only every `loss_every_n_steps` steps (each read is a host sync, which stalls a GPU).
+
+    Args:
+        loss_every_n_steps: how often to refresh the shown loss.
+        **kwargs: Lightning's RichProgressBar options (refresh_rate, leave, theme, ...).
+    """
+
+    def __init__(self, loss_every_n_steps: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loss_every_n_steps = max(1, loss_every_n_steps)
+        self._loss: float | None = None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None and (
+            self._loss is None or trainer.global_step % self.loss_every_n_steps == 0
+        ):
+            self._loss = float(loss)
+        if self._loss is not None:
+            metrics["loss"] = f"{self._loss:.3g}"
+        return metrics
 
 
 class LogPredictions(L.Callback):
@@ -144,32 +289,161 @@ class LogPredictions(L.Callback):
             )
 
 
+class LogPerClassMetrics(L.Callback):
+    """Per-class IoU as a W&B table (`<stage>/per_class`) and the confusion matrix, rows
+    normalised, as a W&B image (`<stage>/confusion_matrix`), from the model's own metric state
+    (the counts behind `val/mIoU`, summed over DDP ranks). Logged after each validation every
+    `every_n_epochs` epochs during fit and after the last one, and after every `validate` and
+    `test`; the last confusion matrix of a fit, validate or test is also saved as
+    <run dir>/confusion_<stage>.png.
+
+    Args:
+        every_n_epochs: during fit, log to W&B every this many epochs (and the last validation).
+    """
+
+    def __init__(self, every_n_epochs: int = 5) -> None:
+        self.every_n_epochs = every_n_epochs
+        # the last validation's (stage, counts, step, logged to W&B already)
+        self._last: tuple[str, torch.Tensor, int, bool] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._collect(trainer, pl_module, "test")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last is not None and trainer.is_global_zero:
+            stage, confmat, step, logged = self._last
+            self._log(trainer, pl_module, stage, confmat, step, wandb=not logged, save=True)
+            self._last = None
+
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # callbacks' epoch-end hooks run before the model's, which computes and resets the state
+        metrics = getattr(pl_module, "metrics", None)
+        # fast_dev_run is a smoke test: Lightning writes no logs or checkpoints in it, nor do we
+        if (
+            trainer.sanity_checking
+            or trainer.fast_dev_run
+            or metrics is None
+            or stage not in metrics
+        ):
+            return
+        # the members of the collection share one `confmat` state
+        metric = next(iter(metrics[stage].values(copy_state=False)))
+        with metric.sync_context():  # a collective: every rank takes part
+            confmat = metric.confmat.detach().cpu().clone()
+        if not trainer.is_global_zero or confmat.sum() == 0:
+            return
+        if trainer.state.fn != "fit":
+            self._log(
+                trainer, pl_module, stage, confmat, trainer.global_step, wandb=True, save=True
+            )
+            return
+        due = trainer.current_epoch % self.every_n_epochs == 0
+        self._log(trainer, pl_module, stage, confmat, trainer.global_step, wandb=due, save=False)
+        self._last = (stage, confmat, trainer.global_step, due)  # for the end of fit
+
+    def _log(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, confmat: torch.Tensor,
+        step: int, wandb: bool, save: bool,
+    ) -> None:  # fmt: skip
+        from seglight.compare import class_scores, plot_confusion
+
+        loggers = [lg for lg in trainer.loggers if _wandb_active(lg)] if wandb else []
+        if not loggers and not save:
+            return
+        names = list(getattr(pl_module, "class_names", None) or range(len(confmat)))
+        path = Path(trainer.default_root_dir) / f"confusion_{stage}.png" if save else None
+        title = f"{type(pl_module).__name__} {stage} (step {step})"
+        try:
+            image = plot_confusion(confmat, names, path, title=title)
+        except ImportError as e:  # no matplotlib: keep the table, never fail a finished run
+            rank_zero_warn(f"LogPerClassMetrics: no confusion-matrix image ({e})")
+            image = None
+        scores = class_scores(confmat)
+        rows = [
+            [str(name), _nan_to_none(iou), _nan_to_none(acc), int(gt), int(pred)]
+            for name, iou, acc, gt, pred in zip(
+                names, scores["IoU"], scores["acc"], scores["pixels"], scores["predicted"],
+                strict=True,
+            )
+        ]  # fmt: skip
+        for logger in loggers:
+            logger.log_table(
+                f"{stage}/per_class",
+                columns=["class", "IoU", "acc", "pixels", "predicted"],
+                data=rows,
+                step=step,
+            )
+            if image is not None:
+                logger.log_image(f"{stage}/confusion_matrix", [image], step=step, caption=[title])
+
+
+def _wandb_active(logger: Any) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return False
+    return "disabled" not in (logger._wandb_init.get("mode"), os.environ.get("WANDB_MODE"))
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes each predicted mask as a palette PNG, <output_dir>/<name>.png.
+    """Writes each predicted mask as a palette PNG, <output_dir>/<name>.png, and the image beside
+    its prediction blended over it, <output_dir>/overlays/<name>.jpg (twice the image's width).
 
     Args:
         output_dir: where to write (default: <run dir>/predictions).
+        overlays: also write the side-by-side overlays.
+        alpha: opacity of the mask's colours in the overlay.
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
+    def __init__(
+        self, output_dir: str | None = None, overlays: bool = True, alpha: float = 0.5
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self.overlays = overlays
+        self.alpha = alpha
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
+        from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+        from seglight.inference import overlay
+
         out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
-        out.mkdir(parents=True, exist_ok=True)
-        palette = getattr(trainer.datamodule, "palette", None) or default_palette(
-            pl_module.num_classes
-        )
+        dm = trainer.datamodule
+        palette = getattr(dm, "palette", None) or default_palette(pl_module.num_classes)
         flat = [c for rgb in palette for c in rgb]
-        preds = prediction["pred"].to(torch.uint8).cpu().numpy()
+        preds = prediction["pred"].to(torch.uint8).cpu()
         names = prediction.get("name") or [f"{batch_idx:05d}_{i:03d}" for i in range(len(preds))]
-        for pred, name in zip(preds, names, strict=True):
-            image = Image.fromarray(pred, mode="P")
+        images = None
+        if self.overlays and isinstance(batch, dict) and "image" in batch:
+            mean = getattr(dm, "mean", IMAGENET_MEAN)
+            std = getattr(dm, "std", IMAGENET_STD)
+            images = denormalize(batch["image"][:, :3], mean[:3], std[:3]).cpu()
+            colours = torch.tensor(palette, dtype=torch.uint8)
+        for i, (pred, name) in enumerate(zip(preds, names, strict=True)):
+            image = Image.fromarray(pred.numpy(), mode="P")
             image.putpalette(flat)
-            tmp = out / f".{name}.png.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, out / f"{name}.png")
+            self._save(image, out / f"{name}.png", "PNG")
+            if images is not None:
+                # classes beyond the palette (none in practice) wrap around rather than fail
+                coloured = colours[pred.long() % len(colours)].permute(2, 0, 1)
+                side_by_side = overlay(images[i], coloured, self.alpha)
+                picture = Image.fromarray(side_by_side.permute(1, 2, 0).numpy())
+                self._save(picture, out / "overlays" / f"{name}.jpg", "JPEG", quality=90)
+
+    @staticmethod
+    def _save(image: Image.Image, path: Path, fmt: str, **options: Any) -> None:
+        """Write atomically: a reader sees the old file or the new one, never a part."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format=fmt, **options)
+        os.replace(tmp, path)

@@ -40,37 +40,68 @@ RUN_DIR_ENV = "SEGLIGHT_RUN_DIR"
 
 
 # ------------------------------------------------------------------------------- config logging
+def _class_name(value: dict[str, Any]) -> str:
+    return str(value["class_path"]).rsplit(".", 1)[-1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"class_path": "x.UNet", "init_args": {"encoder": "r34"}}} ->
-    {"model": "UNet", "model.encoder": "r34"}: keys W&B can group and filter runs by."""
+    """The resolved config as flat keys W&B (and `seglight compare`) can group and filter by:
+
+    - a class: {"model": {"class_path": "x.UNet", "init_args": {"encoder": "r34"}}} ->
+      {"model": "UNet", "model.encoder": "r34"};
+    - a list of classes (callbacks): their names, "ModelCheckpoint, LearningRateMonitor", and
+      each one's options, "trainer.callbacks.ModelCheckpoint.monitor" (".1", ".2" ... after the
+      name of a class listed twice);
+    - a mapping of names to numbers, such as a weighted loss {ce: 1.0, dice: 0.5}: one value in
+      YAML flow style, "{ce: 1.0, dice: 0.5}", so that runs group by it whatever its form
+      (`loss: ce` gives "ce" under the same key);
+    - other mappings: one key per entry ("model.inference.mode"); lists of plain values stay lists.
+    """
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and "class_path" in value:
-            flat[name] = str(value["class_path"]).rsplit(".", 1)[-1]
+            flat[name] = _class_name(value)
             flat.update(flatten_config(value.get("init_args") or {}, f"{name}."))
+        elif isinstance(value, dict) and value and all(map(_is_number, value.values())):
+            flat[name] = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
         elif isinstance(value, dict):
             flat.update(flatten_config(value, f"{name}."))
         elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            flat[name] = ", ".join(
-                str(v.get("class_path", v)).rsplit(".", 1)[-1] if isinstance(v, dict) else str(v)
-                for v in value
-            )
+            items = [
+                _class_name(v) if isinstance(v, dict) and "class_path" in v else v for v in value
+            ]
+            flat[name] = ", ".join(str(v) for v in items)
+            seen: dict[str, int] = {}
+            for item, v in zip(items, value, strict=True):
+                if isinstance(v, dict) and "class_path" in v:
+                    seen[item] = seen.get(item, 0) + 1
+                    label = item if seen[item] == 1 else f"{item}.{seen[item] - 1}"
+                    flat.update(flatten_config(v.get("init_args") or {}, f"{name}.{label}."))
         else:
             flat[name] = value
     return flat
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves config.yaml in the run directory and logs the resolved config (flattened) and the git
-    revision to every logger (W&B's run config)."""
+    """Saves config.yaml in the run directory and logs the resolved config (flattened), the git
+    revision, and the architecture and dataset as tags to every logger (W&B's run config)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         flat = flatten_config(config)
         flat.update({f"git.{k}": v for k, v in git_revision().items()})
+        tags = [type(pl_module).__name__]
+        if trainer.datamodule is not None:
+            tags.append(type(trainer.datamodule).__name__)
         for logger in trainer.loggers:
             logger.log_hyperparams(flat)
+            if hasattr(logger, "add_tags"):
+                logger.add_tags(tags)
 
 
 # ------------------------------------------------------------------------------- help text
@@ -261,6 +292,14 @@ class SeglightCLI(LightningCLI):
                 "trainer.sync_batchnorm: true needs CUDA GPUs (torch's SyncBatchNorm does not run on "
                 f"the CPU, and accelerator={accelerator} gives no GPU here); set it to false"
             )
+        if (
+            on_gpu
+            and config.trainer.get("benchmark") is None
+            and not config.trainer.get("deterministic")
+        ):
+            # fixed training crops: cuDNN picks its fastest kernels once per shape (set
+            # trainer.benchmark: false when images change size often, e.g. full-size evaluation)
+            config.trainer.benchmark = True
         if config.trainer.get("precision") is None and on_gpu:
             config.trainer.precision = (
                 "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
@@ -369,47 +408,136 @@ def check_class_names(argv: list[str]) -> None:
 
 # ------------------------------------------------------------------------------- own subcommands
 def cmd_models(argv: list[str]) -> None:
-    """List every architecture with its parameter count for 11 classes."""
+    """List every architecture (or those named) with its parameters for 11 classes beside the
+    paper's figures; `--flops` adds GFLOPs at `--size` (default 360x480), `--markdown` prints a
+    markdown table: `python -m seglight models [NAME ...] [--flops] [--size HxW] [--markdown]`."""
+    import argparse
+
+    from seglight.profile import model_cost, parse_size
+
+    parser = argparse.ArgumentParser(
+        prog="python -m seglight models", description=cmd_models.__doc__
+    )
+    parser.add_argument("names", nargs="*", help="architectures to list (default: all)")
+    parser.add_argument("--flops", action="store_true", help="count GFLOPs (= 2 x GMACs)")
+    parser.add_argument("--size", type=parse_size, default=(360, 480), help="HxW for --flops")
+    parser.add_argument("--num-classes", type=int, default=11, help="classes (11, CamVid's)")
+    parser.add_argument("--markdown", action="store_true", help="a markdown table for the README")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in MODELS]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {unknown}. Known: {', '.join(sorted(MODELS))}")
+    h, w = args.size
+    header = ["model", "params", "paper params"]
+    if args.flops:
+        header += [f"GFLOPs {h}x{w}", "paper GFLOPs"]
+    header.append("description")
+    rows = []
+    for name in args.names or sorted(MODELS):
+        cls = MODELS[name]
+        try:  # on the meta device when possible: no memory, no compute
+            params, flops = model_cost(
+                cls, (1, 3, h, w) if args.flops else None, num_classes=args.num_classes
+            )
+            ours = [f"{params / 1e6:.2f}M", f"{flops / 1e9:.1f}" if args.flops else ""]
+        except Exception as e:  # noqa: BLE001 - show the row anyway
+            ours = [f"error: {type(e).__name__}: {e}", ""]
+        row = [name, ours[0], f"{cls.paper_params:g}M" if cls.paper_params else "-"]
+        if args.flops:
+            row += [ours[1], f"{cls.paper_gflops:g}" if cls.paper_gflops else "-"]
+        # the docstring's first paragraph: some summaries wrap onto a second line
+        summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+        rows.append([*row, summary])
+    title = f"seglight architectures ({args.num_classes} classes, default options)"
+    if args.markdown:
+        aligned = ["---", *["---:"] * (len(header) - 2), "---"]
+        for line in (header, aligned, *rows):
+            print("| " + " | ".join(c.replace("|", "/") for c in line) + " |")
+        if args.flops:
+            print(
+                f"\nGFLOPs: one forward pass of a 1x3x{h}x{w} image, 2 FLOPs per multiply-"
+                "accumulate, convolutions and matrix products only (torch.utils.flop_counter). "
+                "Paper figures as printed, at each paper's own input size; papers often count "
+                "multiply-adds (half of these FLOPs)."
+            )
+        return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="seglight architectures (parameters for 11 classes, default options)")
-    table.add_column("model")
-    table.add_column("params", justify="right")
-    table.add_column("paper", justify="right")
-    table.add_column("description")
-    for name, cls in sorted(MODELS.items()):
-        try:
-            model = cls(num_classes=11)
-            params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
-        except Exception as e:  # noqa: BLE001 - show the row anyway
-            params = f"error: {e}"
-        paper = f"{cls.paper_params:g}M" if cls.paper_params else "-"
-        table.add_row(name, params, paper, _first_doc_line(cls))
+    table = Table(title=title)
+    for col in header:
+        table.add_column(col, justify="left" if col in ("model", "description") else "right")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+def _layout(cls: type) -> list[str]:
+    """The first indented block after a line mentioning "layout" in the dataset's module
+    docstring (the file tree every dataset module documents)."""
+    lines = (inspect.getdoc(sys.modules.get(cls.__module__)) or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if "layout" in line.lower()), None)
+    if start is None:
+        return []
+    block: list[str] = []
+    for line in lines[start + 1 :]:
+        if line.startswith("    "):
+            block.append(line.rstrip())
+        elif block and line.strip():
+            break
+    return block
+
+
+def _default_root(name: str, cls: type) -> str:
+    from seglight.data.base import data_home
+
+    param = inspect.signature(cls.__init__).parameters.get("root")
+    if param is None:
+        return "(generated, no files)"
+    if param.default is inspect.Parameter.empty:
+        return "--data.root PATH (required)"
+    try:
+        return f"--data.root, default {cls().root}"
+    except Exception:  # noqa: BLE001 - constructing may need files; fall back to the convention
+        return f"--data.root, default {data_home() / name.lower()}"
 
 
 def cmd_datasets(argv: list[str]) -> None:
-    """List every dataset with its classes and where it expects its files."""
+    """List every dataset (or those named in argv) with its classes and where it expects its
+    files: `python -m seglight datasets [NAME ...]`."""
     from rich.console import Console
-    from rich.table import Table
 
-    from seglight.data.base import data_home
-
-    table = Table(title="seglight datasets")
-    for col in ("data", "classes", "default root", "description"):
-        table.add_column(col)
+    unknown = [n for n in argv if n not in DATASETS]
+    if unknown:
+        raise ConfigError(f"unknown dataset(s) {unknown}. Known: {', '.join(sorted(DATASETS))}")
+    console = Console(highlight=False, soft_wrap=True)  # long lines wrap in the terminal
     for name, cls in sorted(DATASETS.items()):
-        names = ", ".join(cls.class_names)
-        if "root" in inspect.signature(cls.__init__).parameters:
-            root = str(data_home() / name.lower())
+        if argv and name not in argv:
+            continue
+        if cls.class_names:
+            classes = f"{len(cls.class_names)}: {', '.join(cls.class_names)}"
         else:
-            root = "(generated, no files)"
-        table.add_row(name, f"{len(cls.class_names)}: {names}", root, _first_doc_line(cls))
-    Console().print(table)
+            classes = "set by the data (see its layout and options)"
+        console.print(f"[bold]{name}[/bold]  {_first_doc_line(cls)}", markup=True)
+        console.print(f"  classes  {classes}", markup=False)
+        console.print(f"  root     {_default_root(name, cls)}", markup=False)
+        layout = _layout(cls)
+        if layout:
+            console.print("  layout", markup=False)
+            for line in layout:
+                console.print(f"  {line}", markup=False)
+        console.print()
 
 
-COMMANDS = {"models": cmd_models, "datasets": cmd_datasets}
+COMMANDS = {
+    "models": cmd_models,
+    "datasets": cmd_datasets,
+    "stats": lambda argv: importlib.import_module("seglight.stats").main(argv),
+    "bench": lambda argv: importlib.import_module("seglight.bench").main(argv),
+    "export": lambda argv: importlib.import_module("seglight.export").main(argv),
+    "compare": lambda argv: importlib.import_module("seglight.compare").main(argv),
+    "sweep": lambda argv: importlib.import_module("seglight.sweep").main(argv),
+}
 
 
 def run(argv: list[str] | None = None) -> SeglightCLI | None:

@@ -4,6 +4,10 @@
   `wandb sync <run dir>/wandb/offline-run-*` uploads the run later.
 - WANDB_MODE=disabled: no W&B at all (nothing written, no process started).
 - Its files go into the run directory (trainer.default_root_dir) unless save_dir is given.
+- W&B's group, job type, tags and name are its options (`--trainer.logger.group ablation1`, or
+  `group:` under the logger's init_args in YAML), or W&B's environment variables
+  (WANDB_RUN_GROUP, WANDB_JOB_TYPE, WANDB_TAGS, WANDB_NAME), which `seglight sweep` sets; the
+  architecture and the dataset are added as tags by the CLI.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class WandbLogger(_LightningWandbLogger):
         project: W&B project.
         offline: force offline (true) or online (false); null decides from the credentials.
         save_dir: where W&B writes its files; null: the run directory.
-        **kwargs: passed to Lightning's WandbLogger and wandb.init (name, group, job_type, tags, ...).
+        **kwargs: passed to Lightning's WandbLogger and wandb.init (name, group, job_type, tags,
+            notes, ...).
     """
 
     def __init__(
@@ -63,3 +68,13 @@ class WandbLogger(_LightningWandbLogger):
         if not self._dir_given and self._experiment is None:
             os.makedirs(path, exist_ok=True)
             self._save_dir = self._wandb_init["dir"] = os.fspath(path)
+
+    def add_tags(self, tags: list[str]) -> None:
+        """Add tags to the run (rank zero; kept with those given as options or in WANDB_TAGS)."""
+        if self._wandb_init.get("mode") == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+            return
+        from lightning.pytorch.loggers.logger import DummyExperiment
+
+        run = self.experiment  # started here if it was not yet: tags are set on the live run
+        if not isinstance(run, DummyExperiment):  # other ranks than zero get a dummy
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ CAMVID = Path(os.environ.get("SEGLIGHT_CAMVID", REPO.parent / "shared" / "data" 
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
-    """No W&B, and seglight's caches in a temporary folder, for every test."""
+    """No W&B, seglight's caches in a temporary folder, and a temporary working directory (runs/,
+    metrics.json and W&B files of in-process runs never land in the repository), for every test."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("SEGLIGHT_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("SEGLIGHT_RUN_DIR", raising=False)
@@ -52,7 +55,7 @@ def make_fake_camvid(
         (root / f"{split}annot").mkdir(parents=True, exist_ok=True)
         for i in range(n):
             stem = f"0001TP_{split}_{i:04d}"
-            seed = hash((split, i)) % 2**32
+            seed = zlib.crc32(f"{split}/{i}".encode())  # hash() differs per process
             mask = camvid_like_mask(*size, seed)
             ext = ".png" if split == "val" else ".jpg"
             Image.fromarray(image_from_mask(mask, seed)).save(
