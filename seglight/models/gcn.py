@@ -24,7 +24,7 @@ the whole network. The decoder is small because it works on score maps: with bia
 ResNet-152.
 
 The decoder keeps PyTorch's default conv init: Kaiming fan-out init, computed from the 11-channel
-outputs, would multiply the variance of the 2048-channel GCN input by hundreds.
+outputs of convolutions with 2048 x 15 inputs, makes the initial logits ~50 times larger.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import TimmEncoder
+from seglight.nn import TimmEncoder, bilinear_kernel
 
 GCNUpsampling = Literal["transpose", "bilinear"]
 
@@ -83,14 +83,14 @@ class BoundaryRefinement(nn.Module):
 def bilinear_deconv(channels: int) -> nn.ConvTranspose2d:
     """x2 transposed conv whose initial weights are bilinear interpolation of each channel (as in
     FCN). Kernel 4, stride 2, padding 1 give exactly twice the input; output_padding adds one more
-    row and column, always cropped away (see GCNNetwork._upsample)."""
+    row and column, always cropped away (see GCNNetwork._upsample), which seglight.nn's
+    BilinearUpsample does not offer."""
     deconv = nn.ConvTranspose2d(
         channels, channels, 4, stride=2, padding=1, output_padding=1, bias=False
     )
-    f = torch.tensor([0.25, 0.75, 0.75, 0.25])  # the 1-D bilinear kernel for factor 2
     with torch.no_grad():
         deconv.weight.zero_()
-        deconv.weight[range(channels), range(channels)] = f[:, None] * f[None, :]
+        deconv.weight[range(channels), range(channels)] = bilinear_kernel(2)
     return deconv
 
 
