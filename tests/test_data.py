@@ -154,3 +154,17 @@ def test_fake_camvid_helper_layout(tmp_path):
         "val",
         "valannot",
     ]
+
+
+def test_image_scale_rescales_every_split(fake_camvid):
+    dm = camvid(fake_camvid, image_scale=0.5, crop_size=None)
+    dm.setup("fit")
+    val, train = dm.datasets["val"][0], dm.datasets["train"][0]
+    assert val["image"].shape == (3, 12, 16) and val["mask"].shape == (12, 16)
+    assert train["image"].shape == (3, 12, 16) and train["mask"].shape == (12, 16)
+    # nearest-exact keeps labels (void still mapped to 255) and their layout
+    raw = camvid(fake_camvid, crop_size=None)
+    raw.setup("validate")
+    assert torch.equal(val["mask"], raw.datasets["val"][0]["mask"][1::2, 1::2])
+    with pytest.raises(DataError, match="image_scale must be in"):
+        camvid(fake_camvid, image_scale=0)

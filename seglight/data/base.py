@@ -26,7 +26,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from seglight.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    Prescale,
+    TrainTransform,
+)
 from seglight.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -282,6 +288,9 @@ class SegmentationDataModule(L.LightningDataModule):
         gpu_resident: decode each split once into the device's memory and augment whole batches
             there (seglight.data.gpu), so training never waits for loader workers; for small
             datasets (CamVid's train split takes 253 MB).
+        image_scale: rescale every image and mask of every split by this factor when it is read,
+            before augmentation (e.g. 0.5 for quick studies at half resolution). Evaluation then
+            happens at that resolution too: not comparable with full-resolution results.
     """
 
     class_names: ClassVar[tuple[str, ...]] = ()
@@ -314,6 +323,7 @@ class SegmentationDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         predict_split: str = "test",
         gpu_resident: bool = False,
+        image_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -335,6 +345,11 @@ class SegmentationDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.predict_split = predict_split
         self.gpu_resident = gpu_resident
+        if not 0 < image_scale <= 4:
+            raise DataError(f"image_scale must be in (0, 4], got {image_scale}")
+        if image_scale != 1.0 and gpu_resident:
+            raise DataError("image_scale and gpu_resident cannot be combined; set image_scale: 1.0")
+        self.image_scale = image_scale
         self.datasets: dict[str, Dataset] = {}
 
     # ---------------------------------------------------------------------- what the model sees
@@ -343,7 +358,7 @@ class SegmentationDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def train_transform(self) -> Transform:
-        return TrainTransform(
+        transform = TrainTransform(
             self.crop_size,
             self.scale_range,
             self.hflip,
@@ -352,9 +367,11 @@ class SegmentationDataModule(L.LightningDataModule):
             self.std,
             self.ignore_index,
         )
+        return Prescale(transform, self.image_scale) if self.image_scale != 1.0 else transform
 
     def eval_transform(self) -> Transform:
-        return EvalTransform(self.mean, self.std)
+        transform = EvalTransform(self.mean, self.std)
+        return Prescale(transform, self.image_scale) if self.image_scale != 1.0 else transform
 
     # ---------------------------------------------------------------------- splits
     def build_dataset(self, split: str, train: bool) -> Dataset:

@@ -11,6 +11,8 @@ Randomness comes from torch's global generator, which the DataLoader seeds per w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -184,3 +186,17 @@ class EvalTransform:
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return normalize(image, self.mean, self.std), mask.long()
+
+
+class Prescale:
+    """Rescale image and mask by a fixed `scale` (bilinear / nearest-exact), then `transform`:
+    the data's `image_scale` option, for studies at a lower resolution."""
+
+    def __init__(self, transform: Callable, scale: float) -> None:
+        self.transform = transform
+        self.scale = scale
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(*rescale(image.float(), mask, self.scale))
