@@ -560,16 +560,21 @@ def run(argv: list[str] | None = None) -> SeglightCLI | None:
         raise
 
 
-def user_error(exc: BaseException | None) -> SeglightError | None:
-    """The SeglightError behind `exc`, if any (jsonargparse re-raises errors from constructors as
-    ValueErrors chained to the original)."""
+def find_cause(exc: BaseException | None, types: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of `types` in the chain behind `exc` (its causes and contexts)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, SeglightError):
+        if isinstance(exc, types):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def user_error(exc: BaseException | None) -> SeglightError | None:
+    """The SeglightError behind `exc`, if any (jsonargparse re-raises errors from constructors as
+    ValueErrors chained to the original)."""
+    return find_cause(exc, SeglightError)
 
 
 def main(argv: list[str] | None = None) -> None:

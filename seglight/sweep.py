@@ -195,7 +195,7 @@ def _experiment(args: Sequence[str], experiment: str | None) -> str:
 def _run_one(
     run: SweepRun, group: str, job_type: str | None, in_process: bool, experiment: str
 ) -> None:
-    from seglight.cli import new_run_dir, user_error
+    from seglight.cli import SeglightError, find_cause, new_run_dir
 
     base = Path("runs") / experiment
     run.run_dir = new_run_dir(base)
@@ -216,7 +216,8 @@ def _run_one(
         except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded, the sweep goes on
             run.status = "failed"
             # bad input (ours, or an option the parser rejects): its message; else a traceback
-            error = user_error(e) or _argument_error(e)
+            # a bad option: the parser's error (jsonargparse exits after it) or ours
+            error = find_cause(e, (SeglightError, argparse.ArgumentError))
             run.error = str(error) if error else f"{type(e).__name__}: {e}"
             if error is None:
                 traceback.print_exc()
@@ -229,17 +230,6 @@ def _run_one(
         run.error = "" if proc.returncode == 0 else f"exit status {proc.returncode}"
     run.seconds = time.perf_counter() - start
     _write_record(run, record, run.status)
-
-
-def _argument_error(exc: BaseException | None) -> argparse.ArgumentError | None:
-    """The parser's error behind `exc` (jsonargparse exits with SystemExit(2) after it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, argparse.ArgumentError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _write_record(run: SweepRun, record: dict[str, Any], status: str) -> None:

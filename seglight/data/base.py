@@ -222,20 +222,24 @@ def verify_pairs(
             )
         return None
 
-    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-        problems = [p for p in pool.map(check, pairs) if p is not None]
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(
-            f"{len(problems)} of {len(pairs)} {what} masks are invalid:\n  {shown}{more}"
-        )
+    check_all(check, pairs, f"{what} masks are invalid")
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"files": len(pairs), "what": what}))
         except OSError:
             pass  # the cache is an optimisation only
+
+
+def check_all(check: Callable[[Any], str | None], items: Sequence[Any], what: str) -> None:
+    """Run `check` (a problem message, or None) on every item in a thread pool (file reads release
+    the GIL) and raise one DataError listing the problems: "<n> of <total> <what>: ..."."""
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        problems = [p for p in pool.map(check, items) if p is not None]
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} of {len(items)} {what}:\n  {shown}{more}")
 
 
 def _verified_cache_file(pairs, num_classes, ignore_index, label_map) -> Path | None:

@@ -14,13 +14,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from seglight.data.base import check_all
 from seglight.errors import ConfigError, DataError
 
 Palette = Sequence[Sequence[int]]
@@ -213,14 +213,7 @@ def build_cache(
         return None
 
     try:
-        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-            problems = [p for p in pool.map(write, jobs) if p is not None]
-        if problems:
-            shown = "\n  ".join(problems[:10])
-            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise DataError(
-                f"{len(problems)} of {len(jobs)} {what} could not be decoded:\n  {shown}{more}"
-            )
+        check_all(write, jobs, f"{what} could not be decoded")
         (tmp / "manifest.json").write_text(json.dumps({"digest": digest, "files": len(jobs)}))
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)

@@ -16,11 +16,40 @@ from seglight.models.refinenet import RefineNet, RefineNetNetwork
 from seglight.models.segnet import SegNet, SegNetBasic, SegNetBasicNetwork, SegNetNetwork
 from seglight.models.unet import UNet, UNetNetwork
 
-__all__ = ["MODELS", "SegmentationModel", "UNet", "UNetNetwork"]
-__all__ += ["DeepLabV3", "DeepLabV3Plus", "DeepLabV3PlusNetwork", "KSAC", "PSPNet", "PSPNetNetwork"]
-__all__ += ["GCN", "GCNNetwork", "RefineNet", "RefineNetNetwork"]
-__all__ += ["ENet", "ENetNetwork", "FCDenseNet56", "FCDenseNet67", "FCDenseNet103"]
-__all__ += ["FCDenseNetNetwork", "LinkNet", "LinkNetNetwork"]
-__all__ += ["DeepLabASPP", "DeepLabLargeFOV", "DeepLabVGGNetwork", "FCN8s", "FCN16s", "FCN32s"]
-__all__ += ["FCNNetwork", "GFRNet", "GFRNetNetwork", "SegNet", "SegNetBasic", "SegNetBasicNetwork"]
-__all__ += ["SegNetNetwork"]
+__all__ = [
+    "DeepLabASPP",
+    "DeepLabLargeFOV",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "DeepLabV3PlusNetwork",
+    "DeepLabVGGNetwork",
+    "ENet",
+    "ENetNetwork",
+    "FCDenseNet103",
+    "FCDenseNet56",
+    "FCDenseNet67",
+    "FCDenseNetNetwork",
+    "FCN16s",
+    "FCN32s",
+    "FCN8s",
+    "FCNNetwork",
+    "GCN",
+    "GCNNetwork",
+    "GFRNet",
+    "GFRNetNetwork",
+    "KSAC",
+    "LinkNet",
+    "LinkNetNetwork",
+    "MODELS",
+    "PSPNet",
+    "PSPNetNetwork",
+    "RefineNet",
+    "RefineNetNetwork",
+    "SegmentationModel",
+    "SegNet",
+    "SegNetBasic",
+    "SegNetBasicNetwork",
+    "SegNetNetwork",
+    "UNet",
+    "UNetNetwork",
+]

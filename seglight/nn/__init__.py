@@ -8,17 +8,21 @@ from seglight.nn.vgg import VGG16, VGGFC, BilinearUpsample, bilinear_kernel, loa
 
 __all__ = [
     "ASPP",
+    "bilinear_kernel",
+    "BilinearUpsample",
     "ConvNormAct",
     "DenseBlock",
     "DenseLayer",
     "DoubleConv",
     "EncoderWeightsError",
+    "init_weights",
     "KernelSharingASPP",
+    "load_vgg16_weights",
+    "pad_or_crop_to",
     "PyramidPooling",
+    "resize_to",
     "SeparableConv2d",
     "TimmEncoder",
-    "init_weights",
-    "pad_or_crop_to",
-    "resize_to",
+    "VGG16",
+    "VGGFC",
 ]
-__all__ += ["VGG16", "VGGFC", "BilinearUpsample", "bilinear_kernel", "load_vgg16_weights"]
