@@ -14,39 +14,13 @@ are in 0..255 units, as in both papers) and return refined probabilities [B, K, 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from seglight.errors import ConfigError
-
-#: DeepLab-LargeFOV's released CRF parameters (run_densecrf.sh of DeepLab v1, Chen et al. 2015:
-#: w2 = 3, sigma_gamma = 3 are Krähenbühl's defaults; w1, sigma_alpha, sigma_beta were
-#: cross-validated on VOC val). DeepLab v2's ResNet-101 release uses bi_w 4, bi_xy_std 67,
-#: bi_rgb_std 3, pos_w 3, pos_xy_std 1.
-DENSE_CRF_DEFAULTS = {
-    "iterations": 10,
-    "bi_w": 4.0,
-    "bi_xy_std": 49.0,
-    "bi_rgb_std": 5.0,
-    "pos_w": 3.0,
-    "pos_xy_std": 3.0,
-}
-
-#: ConvCRF's default configuration (Teichmann and Cipolla's convcrf.py default_conf: filter_size
-#: 11, blur 4, pos_feats sdims 3 / compat 3, col_feats sdims 80 / schan 13 / compat 10,
-#: message weight 0.2, 5 iterations).
-CONV_CRF_DEFAULTS = {
-    "iterations": 5,
-    "window": 11,
-    "downsample": 4,
-    "pos_w": 3.0,
-    "pos_xy_std": 3.0,
-    "bi_w": 10.0,
-    "bi_xy_std": 80.0,
-    "bi_rgb_std": 13.0,
-    "weight": 0.2,
-}
 
 INSTALL_HINT = (
     "the dense CRF needs pydensecrf2: pip install pydensecrf2 (or pip install -e '.[crf]'); "
@@ -54,6 +28,10 @@ INSTALL_HINT = (
 )
 
 
+# The defaults are DeepLab-LargeFOV's released CRF parameters (run_densecrf.sh of DeepLab v1,
+# Chen et al. 2015: w2 = 3, sigma_gamma = 3 are Krähenbühl's defaults; w1, sigma_alpha,
+# sigma_beta were cross-validated on VOC val). DeepLab v2's ResNet-101 release uses bi_w 4,
+# bi_xy_std 67, bi_rgb_std 3, pos_w 3, pos_xy_std 1.
 def dense_crf(
     probs: torch.Tensor,
     image: torch.Tensor,
@@ -128,6 +106,9 @@ def _pairwise_kernel(
     return kernel, (h, w)
 
 
+# The defaults are ConvCRF's configuration (Teichmann and Cipolla's convcrf.py default_conf:
+# filter_size 11, blur 4, pos_feats sdims 3 / compat 3, col_feats sdims 80 / schan 13 / compat
+# 10, message weight 0.2, 5 iterations).
 def conv_crf(
     probs: torch.Tensor,
     image: torch.Tensor,
@@ -176,6 +157,15 @@ def conv_crf(
     return q
 
 
+def _defaults(fn) -> dict:
+    """The keyword defaults of a CRF function: its parameters, in one place (the signature)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+#: the CRFs' parameters and their defaults, for crf_options
+DENSE_CRF_DEFAULTS = _defaults(dense_crf)
+CONV_CRF_DEFAULTS = _defaults(conv_crf)
 CRFS = {"dense": (dense_crf, DENSE_CRF_DEFAULTS), "conv": (conv_crf, CONV_CRF_DEFAULTS)}
 
 
