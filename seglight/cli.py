@@ -489,7 +489,7 @@ def _layout(cls: type) -> list[str]:
 
 
 def _default_root(name: str, cls: type) -> str:
-    from seglight.data.base import data_home
+    from seglight.data.base import dataset_root
 
     param = inspect.signature(cls.__init__).parameters.get("root")
     if param is None:
@@ -499,7 +499,7 @@ def _default_root(name: str, cls: type) -> str:
     try:
         return f"--data.root, default {cls().root}"
     except Exception:  # noqa: BLE001 - constructing may need files; fall back to the convention
-        return f"--data.root, default {data_home() / name.lower()}"
+        return f"--data.root, default {dataset_root(None, name.lower())}"
 
 
 def cmd_datasets(argv: list[str]) -> None:

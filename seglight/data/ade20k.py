@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home, find_pairs
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root, find_pairs
 from seglight.data.utils import shift_labels
 from seglight.errors import DataError
 
@@ -118,7 +118,7 @@ class ADE20K(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, predict_split=predict_split, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "ade20k"
+        self.root = dataset_root(root, "ade20k")
         self.download = download
 
     def _missing(self) -> list[str]:

@@ -48,6 +48,11 @@ def data_home() -> Path:
     return Path(os.environ.get("SEGLIGHT_DATA", "data")).expanduser()
 
 
+def dataset_root(root: str | None, name: str) -> Path:
+    """A dataset's folder: `root` as given, else data_home() / name."""
+    return Path(root).expanduser() if root else data_home() / name
+
+
 # --------------------------------------------------------------------------------- reading files
 def read_image(path: Path) -> torch.Tensor:
     """uint8 [3, H, W] RGB (torchvision's libjpeg-turbo / libpng decoders)."""

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home, find_pairs
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root, find_pairs
 from seglight.errors import DataError
 
 COMMIT = "fcaf7c4978dd8d091ec67db7cb7fdd225f5051c5"
@@ -78,7 +78,7 @@ class CamVid(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "camvid"
+        self.root = dataset_root(root, "camvid")
         self.download = download
 
     def _missing(self) -> list[str]:

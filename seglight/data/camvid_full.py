@@ -43,7 +43,7 @@ from seglight.data.base import (
     IMAGE_EXTENSIONS,
     SegmentationDataModule,
     SegmentationDataset,
-    data_home,
+    dataset_root,
 )
 from seglight.data.camvid import CamVid
 from seglight.data.utils import cache_folder, decode_colour_masks
@@ -167,7 +167,7 @@ class CamVidFull(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "camvidfull"
+        self.root = dataset_root(root, "camvidfull")
         self.download = download
         self.strict_colours = strict_colours
         self.cache_dir = cache_dir

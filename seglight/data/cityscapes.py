@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root
 from seglight.errors import DataError
 
 ARCHIVES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
@@ -98,7 +98,7 @@ class Cityscapes(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "cityscapes"
+        self.root = dataset_root(root, "cityscapes")
         self.download = download
 
     def _missing(self, split: str) -> list[str]:

@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home, find_pairs
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root, find_pairs
 from seglight.data.utils import build_cache, cache_folder, source_digest
 from seglight.data.voc import voc_palette
 from seglight.errors import DataError
@@ -183,7 +183,7 @@ class COCOStuff(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, predict_split=predict_split, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "cocostuff"
+        self.root = dataset_root(root, "cocostuff")
         self.download = download
 
     def prepare_data(self) -> None:
@@ -300,7 +300,7 @@ class COCO(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, predict_split=predict_split, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "coco"
+        self.root = dataset_root(root, "coco")
         self.download = download
         self.cache_dir = cache_dir
 

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home, find_pairs
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root, find_pairs
 from seglight.data.utils import (
     build_cache,
     cache_folder,
@@ -115,7 +115,7 @@ class NYUDv2(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "nyudv2"
+        self.root = dataset_root(root, "nyudv2")
         self.download = download
         self.cache_dir = cache_dir
 

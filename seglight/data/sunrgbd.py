@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root
 from seglight.data.utils import label_colormap, shift_labels
 from seglight.errors import DataError
 
@@ -76,7 +76,7 @@ class SUNRGBD(SegmentationDataModule):
         **kwargs,
     ) -> None:
         super().__init__(crop_size=crop_size, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "sunrgbd"
+        self.root = dataset_root(root, "sunrgbd")
         self.download = download
 
     def _missing(self) -> list[str]:

@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, data_home
+from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root
 from seglight.data.utils import build_cache, cache_folder, label_colormap, source_digest
 from seglight.errors import ConfigError, DataError
 
@@ -152,7 +152,7 @@ class VOC(SegmentationDataModule):
             raise ConfigError(
                 f"VOC train_split must be 'train', 'trainval' or 'train_aug', got {train_split!r}"
             )
-        self.root = Path(root).expanduser() if root else data_home() / "voc"
+        self.root = dataset_root(root, "voc")
         self.download = download
         self.train_split = train_split
         self.cache_dir = cache_dir
