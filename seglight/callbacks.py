@@ -348,7 +348,7 @@ class LogPerClassMetrics(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, confmat: torch.Tensor,
         step: int, wandb: bool, save: bool,
     ) -> None:  # fmt: skip
-        from seglight.compare import class_scores, plot_confusion
+        from seglight.plots import class_scores, plot_confusion
 
         loggers = [lg for lg in trainer.loggers if _wandb_active(lg)] if wandb else []
         if not loggers and not save:

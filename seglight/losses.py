@@ -48,7 +48,7 @@ def load_class_weights(
     numbers, one per class). Returns a float32 tensor [num_classes] or None.
 
     "median_frequency" also gives None here: those weights come from the training masks, which
-    the model reads at setup (seglight.stats)."""
+    the model reads at setup (seglight.data.stats)."""
     if spec is None or spec == MEDIAN_FREQUENCY:
         return None
     where = "class_weights"

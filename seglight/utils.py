@@ -70,3 +70,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def first_doc_line(obj: object) -> str:
+    """The first line of an object's docstring ("" without one): its one-line summary."""
+    import inspect
+
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""

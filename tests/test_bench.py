@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from seglight.bench import (
+from seglight.cli import run as cli_run
+from seglight.commands.bench import (
     MemoryMeter,
     Runner,
     bench_data,
@@ -18,7 +19,6 @@ from seglight.bench import (
     parse_args,
     run,
 )
-from seglight.cli import run as cli_run
 from seglight.data import CamVid
 from seglight.errors import ConfigError
 from seglight.models import MODELS
@@ -77,7 +77,7 @@ def test_bench_runs_seglight_and_the_raw_loop_interleaved(tmp_path, capsys):
 def test_interleaving_alternates_rounds():
     """Each peer's round runs between two of seglight's: the callback calls the peers at round
     boundaries inside Trainer.fit."""
-    from seglight.bench import _random_batches, bench_training
+    from seglight.commands.bench import _random_batches, bench_training
 
     runner = cpu_runner()
     model, peers, _ = build_peers(

@@ -1,4 +1,4 @@
-"""`seglight compare` and seglight.compare on hand-written run directories (config.yaml +
+"""`seglight compare` and seglight.commands.compare on hand-written run directories (config.yaml +
 metrics.json, as fit writes them), flatten_config, and the metrics.json fields that compare reads
 (history, throughput, activation memory) measured by a real tiny training."""
 
@@ -16,19 +16,18 @@ import yaml
 from PIL import Image
 
 from seglight.callbacks import MetricsSummary
-from seglight.cli import flatten_config
-from seglight.compare import (
+from seglight.commands.compare import (
     choose_source,
-    class_scores,
     compare_table,
     differing_keys,
     load_runs,
-    plot_confusion,
     plot_curves,
     report,
     table_rows,
 )
+from seglight.config import flatten_config
 from seglight.errors import ConfigError, DataError
+from seglight.plots import class_scores, plot_confusion
 
 CLASSES = ["Sky", "Road", "Pole"]
 

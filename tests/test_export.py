@@ -1,4 +1,4 @@
-"""ONNX and torch.export export (seglight.export, `python -m seglight export`): the exported graph
+"""ONNX and torch.export export (seglight.commands.export, `python -m seglight export`): the exported graph
 computes what the model computes, at sizes other than the export's when dynamic."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, run_cli
 
 from seglight.cli import run
+from seglight.commands.export import export_model, load_checkpoint, symbolic_axes
 from seglight.errors import ConfigError
-from seglight.export import export_model, load_checkpoint, symbolic_axes
 from seglight.models import GCN, MODELS, UNet
 
 ort = pytest.importorskip("onnxruntime")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from seglight.data import CamVid, Synthetic
-from seglight.data.gpu import ResidentLoader, load_split, resident_loader
+from seglight.data.gpu import ResidentLoader, load_split
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from seglight.errors import ConfigError
 from seglight.models import UNet
@@ -84,7 +84,7 @@ def test_training_without_augmentation_reproduces_the_stored_images(fake_camvid)
     dm = datamodule(fake_camvid, crop_size=(24, 32), scale_range=(1.0, 1.0), color_jitter=0.0)
     dm.gpu_resident = True
     eval_by_name = {}
-    for batch in resident_loader(dm, "train", 2, train=False):
+    for batch in dm.resident_loader("train", 2, train=False):
         for name, image, mask in zip(batch["name"], batch["image"], batch["mask"], strict=True):
             eval_by_name[name] = (image, mask)
     flipped = 0

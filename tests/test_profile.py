@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, run_cli
 from torch import nn
 
-from seglight.cli import cmd_models
+from seglight.commands.listings import cmd_models
 from seglight.errors import ConfigError
 from seglight.models import GCN, MODELS, UNet
 from seglight.profile import count_flops, count_parameters, model_cost, parse_size

@@ -12,17 +12,17 @@ import yaml
 from conftest import CAMVID, REPO, run_cli
 from PIL import Image
 
+from seglight.commands.stats import data_from_args
 from seglight.data import CamVid
-from seglight.errors import ConfigError, DataError
-from seglight.losses import load_class_weights
-from seglight.stats import (
+from seglight.data.stats import (
     class_pixel_stats,
-    data_from_args,
     dataset_statistics,
     loader_throughput,
     mask_counts,
     median_frequency_weights,
 )
+from seglight.errors import ConfigError, DataError
+from seglight.losses import load_class_weights
 
 # three 2x2 masks of classes 0..2 (255 = ignored) and an absent class 3:
 #   pixels:         c0 = 2 + 1 = 3, c1 = 1 + 4 = 5, c2 = 3, c3 = 0, ignored = 1

@@ -10,8 +10,7 @@ import yaml
 from conftest import REPO, run_cli
 from test_wandb_compare import offline_env, offline_run_dirs, run_info, wandb_records
 
-from seglight.errors import ConfigError, SeglightError
-from seglight.sweep import (
+from seglight.commands.sweep import (
     cli_value,
     grid,
     parse_grid,
@@ -21,6 +20,7 @@ from seglight.sweep import (
     variant_name,
     wandb_sweep_config,
 )
+from seglight.errors import ConfigError, SeglightError
 
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
 TINY = ["--config", QUICKSTART, *smoke_args(), "--model.base_channels", "4"]
@@ -187,7 +187,7 @@ def test_sweep_command_runs_each_fit_in_its_own_process(tmp_path):
 def test_notebook_helpers_point_at_the_experiments_and_camvid(tmp_path, monkeypatch):
     from conftest import make_fake_camvid
 
-    from seglight.sweep import camvid_root, experiment
+    from seglight.commands.sweep import camvid_root, experiment
 
     assert experiment("unet") == str(REPO / "experiments" / "unet.yaml")
     with pytest.raises(ConfigError, match="known: .*unet"):

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 
-from seglight.sweep import smoke_args
+from seglight.commands.sweep import smoke_args
 from seglight.utils import git_revision
 
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")

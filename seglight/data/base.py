@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -415,11 +415,27 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets[split] = dataset
 
     # ---------------------------------------------------------------------- loaders
+    def resident_loader(self, split: str, batch_size: int, train: bool) -> Iterable[dict]:
+        """The loader of `split` with gpu_resident: true (seglight.data.gpu), on the Trainer's
+        device (the GPU if there is one without a Trainer)."""
+        from seglight.data.gpu import ResidentLoader, resident_split
+
+        trainer = self.trainer
+        if trainer is not None:
+            device = trainer.strategy.root_device
+            rank, world_size = trainer.global_rank, trainer.world_size
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            rank, world_size = 0, 1
+        fill = tuple(round(255 * m) for m in self.mean)
+        what = f"{type(self).__name__} {split}"
+        resident = resident_split(self.datasets[split], device, fill, self.ignore_index, what)
+        transform = self.train_transform() if train else self.eval_transform()
+        return ResidentLoader(resident, batch_size, transform, rank=rank, world_size=world_size)
+
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
         if self.gpu_resident:
-            from seglight.data.gpu import resident_loader
-
-            return resident_loader(self, split, batch_size, train)
+            return self.resident_loader(split, batch_size, train)
         dataset = self.datasets[split]
         sampler = None
         trainer = self.trainer

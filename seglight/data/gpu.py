@@ -32,16 +32,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from seglight.data.transforms import EvalTransform, TrainTransform, adjust_colour
 from seglight.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from seglight.data.base import SegmentationDataModule
 
 
 @dataclass
@@ -258,25 +255,12 @@ class ResidentLoader:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def resident_loader(
-    datamodule: SegmentationDataModule, split: str, batch_size: int, train: bool
-) -> ResidentLoader:
-    """The loader of `split` for a DataModule with gpu_resident: true, on the Trainer's device (the
-    GPU if there is one without a Trainer); a split is decoded once per dataset and device."""
-    trainer = datamodule.trainer
-    if trainer is not None:
-        device = trainer.strategy.root_device
-        rank, world_size = trainer.global_rank, trainer.world_size
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        rank, world_size = 0, 1
-    dataset = datamodule.datasets[split]
+def resident_split(
+    dataset: Any, device: torch.device, fill: tuple[int, ...], ignore_index: int, what: str
+) -> ResidentSplit:
+    """`dataset` decoded onto `device` (see load_split), once per dataset and device: the
+    training and evaluation loaders of a DataModule share it."""
     per_device = _CACHE.setdefault(dataset, {})
     if device not in per_device:
-        fill = tuple(round(255 * m) for m in datamodule.mean)
-        what = f"{type(datamodule).__name__} {split}"
-        per_device[device] = load_split(dataset, device, fill, datamodule.ignore_index, what)
-    transform = datamodule.train_transform() if train else datamodule.eval_transform()
-    return ResidentLoader(
-        per_device[device], batch_size, transform, rank=rank, world_size=world_size
-    )
+        per_device[device] = load_split(dataset, device, fill, ignore_index, what)
+    return per_device[device]

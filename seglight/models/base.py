@@ -199,10 +199,10 @@ class SegmentationModel(L.LightningModule):
             self._mf_done = True
 
     def _median_frequency_weights(self) -> torch.Tensor | None:
-        """Median-frequency class weights of the datamodule's training masks (seglight.stats);
+        """Median-frequency class weights of the datamodule's training masks (seglight.data.stats);
         None when the data has no training split (e.g. predict on Images: the weights only
         matter for the losses)."""
-        from seglight.stats import dataset_statistics
+        from seglight.data.stats import dataset_statistics
 
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or "train" not in getattr(dm, "splits", ()):

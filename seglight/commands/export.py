@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
     from seglight.profile import count_parameters, parse_size
 
     parser = argparse.ArgumentParser(
-        prog="python -m seglight export",
+        prog="seglight export",
         description="Export a model's logits to ONNX or a torch.export program (.pt2).",
     )
     parser.add_argument("out", type=Path, help="output file (.onnx or .pt2)")

@@ -20,7 +20,7 @@ Each run is a subprocess (`python -m seglight fit ...`): a run that fails or run
 does not take the sweep down, nothing (CUDA memory, W&B's run, global seeds) leaks from one run
 to the next, and Lightning's DDP launcher, which starts its workers by re-running the
 command line, works. `run_sweep(..., in_process=True)` runs them in this process instead
-(through `seglight.cli.run`, the same code the CLI runs), which saves the start-up of a Python
+(through `seglight.commands.train.run`, the same code the CLI runs), which saves the start-up of a Python
 process per run: what the notebooks use.
 
 `--wandb-sweep sweep.yaml` writes the equivalent W&B sweep (method: grid) instead of running:
@@ -47,7 +47,7 @@ import yaml
 
 from seglight.errors import ConfigError, SeglightError
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 CAMVID_ENV = "SEGLIGHT_CAMVID"
 
 
@@ -101,7 +101,7 @@ def _short_value(value: Any) -> str:
 def variant_name(overrides: dict[str, Any]) -> str:
     """{"model.init_args.encoder": "resnet18", "data.crop_size": [256, 256]} ->
     "encoder=resnet18,crop_size=256x256"."""
-    from seglight.compare import short_names
+    from seglight.commands.compare import short_names
 
     short = short_names([k.replace(".init_args.", ".") for k in overrides])
     names = [short[k.replace(".init_args.", ".")] for k in overrides]
@@ -187,7 +187,7 @@ def _reset_wandb() -> None:
 
 
 def _experiment(args: Sequence[str], experiment: str | None) -> str:
-    from seglight.cli import experiment_name
+    from seglight.config import experiment_name
 
     return experiment or experiment_name(list(args)) or "sweep"
 
@@ -195,7 +195,8 @@ def _experiment(args: Sequence[str], experiment: str | None) -> str:
 def _run_one(
     run: SweepRun, group: str, job_type: str | None, in_process: bool, experiment: str
 ) -> None:
-    from seglight.cli import SeglightError, find_cause, new_run_dir
+    from seglight.commands.train import new_run_dir
+    from seglight.errors import SeglightError, find_cause
 
     base = Path("runs") / experiment
     run.run_dir = new_run_dir(base)
@@ -206,7 +207,7 @@ def _run_one(
     env = _wandb_env(run, group, job_type)
     print(f"seglight sweep: {run.name} -> {run.run_dir}", file=sys.stderr, flush=True)
     if in_process:
-        from seglight.cli import run as cli_run
+        from seglight.commands.train import run as cli_run
 
         _reset_wandb()
         try:
@@ -233,7 +234,7 @@ def _run_one(
 
 
 def _write_record(run: SweepRun, record: dict[str, Any], status: str) -> None:
-    from seglight.compare import SWEEP_FILE
+    from seglight.commands.compare import SWEEP_FILE
     from seglight.utils import atomic_write_json
 
     extra = {"error": run.error} if run.error else {}
@@ -334,7 +335,7 @@ def camvid_root() -> str:
 # ----------------------------------------------------------------------------- the command
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m seglight sweep",
+        prog="seglight sweep",
         allow_abbrev=False,  # the other arguments go to fit whole
         description="Fit every combination of the --grid values, one run directory each; other "
         "arguments (--config, --trainer.max_epochs 10, ...) go to every fit.",
@@ -366,9 +367,9 @@ def main(argv: list[str]) -> None:
     options, args = parser.parse_known_args(argv)
     if not options.grid:
         raise ConfigError("sweep: give at least one --grid KEY=[VALUE,...]")
-    from seglight.cli import _config_paths, check_class_names
+    from seglight.config import check_class_names, config_paths
 
-    if not _config_paths(args):
+    if not config_paths(args):
         raise ConfigError("sweep: give the experiment with --config experiments/X.yaml")
     check_class_names(args)
     axes = parse_grid(options.grid)
@@ -415,7 +416,7 @@ def _print_plan(runs: list[SweepRun], group: str, experiment: str) -> None:
 
 
 def _print_summary(runs: list[SweepRun], group: str, out: str | None) -> None:
-    from seglight.compare import load_runs, report
+    from seglight.commands.compare import load_runs, report
 
     for run in runs:
         detail = f" ({run.error})" if run.error else ""

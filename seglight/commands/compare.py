@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
+from seglight.config import flatten_config
 from seglight.errors import ConfigError, DataError
+from seglight.plots import figure, save
 
 SOURCES = ("test", "best_val", "val")
 #: config keys that differ between any two runs without saying anything about them
@@ -66,8 +67,6 @@ class Run:
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
-        from seglight.cli import flatten_config
-
         path = Path(path)
         config = _read(path / "config.yaml", yaml.safe_load) or {}
         metrics = _read(path / "metrics.json", json.loads) or {}
@@ -335,20 +334,6 @@ def write_markdown(runs: Sequence[Run], path: str | Path, source: str = "auto") 
 
 
 # ----------------------------------------------------------------------------- plots
-def _figure(width: float, height: float):
-    # a Figure without pyplot: no global state, no GUI backend, works in threads and notebooks
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def plot_per_class(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
     """Grouped bars of per-class IoU (%), one bar per run for each class, and mIoU last."""
     source = choose_source(runs, source)
@@ -356,7 +341,7 @@ def plot_per_class(runs: Sequence[Run], path: str | Path, source: str = "auto") 
     groups = [*classes, "mIoU"]
     n = max(1, len(runs))
     width = 0.8 / n
-    fig = _figure(max(6.0, 0.35 * len(groups) * n + 2), 4.5)
+    fig = figure(max(6.0, 0.35 * len(groups) * n + 2), 4.5)
     ax = fig.subplots()
     x = np.arange(len(groups))
     for i, (run, label) in enumerate(zip(runs, labels(runs), strict=True)):
@@ -369,7 +354,7 @@ def plot_per_class(runs: Sequence[Run], path: str | Path, source: str = "auto") 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Per-class IoU")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> Path:
@@ -377,7 +362,7 @@ def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> 
     history; a run without one is drawn as its last validation's point)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(7.0, 4.5)
+    fig = figure(7.0, 4.5)
     ax = fig.subplots()
     for run, label in zip(runs, labels(runs), strict=True):
         points = [(h.get("step"), h.get(metric)) for h in run.history]
@@ -394,59 +379,7 @@ def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> 
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"val/{metric} during training")
-    return _save(fig, path)
-
-
-def class_scores(confmat: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-    """From a confusion matrix [C, C] (rows: target, columns: prediction): per-class "IoU" and
-    "acc" (recall; NaN where undefined, as in seglight.metrics), "pixels" (target pixels) and
-    "predicted" (predicted pixels), each [C]."""
-    m = np.asarray(confmat, dtype=np.float64)
-    tp, pixels, predicted = np.diag(m), m.sum(1), m.sum(0)
-    union = pixels + predicted - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-        acc = np.where(pixels > 0, tp / pixels, np.nan)
-    return {"IoU": iou, "acc": acc, "pixels": pixels, "predicted": predicted}
-
-
-def plot_confusion(
-    confmat: torch.Tensor | np.ndarray,
-    class_names: Sequence[str],
-    path: str | Path | None = None,
-    title: str = "",
-) -> np.ndarray:
-    """The confusion matrix with each row (true class) normalised to sum to 1, as an RGB image
-    uint8 [H, W, 3]; also written to `path` (PNG) when given."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    m = np.asarray(confmat, dtype=np.float64)
-    rows = m / np.maximum(m.sum(1, keepdims=True), 1)
-    c = len(class_names)
-    size = max(4.0, 0.42 * c + 2.0)
-    fig = _figure(size + 1.0, size)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    shown = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(c), [str(n) for n in class_names], rotation=60, ha="right")
-    ax.set_yticks(range(c), [str(n) for n in class_names])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
-    if c <= 30:  # the percentages stay readable up to about this many classes
-        for i in range(c):
-            for j in range(c):
-                if rows[i, j] >= 0.005:
-                    colour = "white" if rows[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{100 * rows[i, j]:.0f}", ha="center", va="center",
-                            fontsize=7, color=colour)  # fmt: skip
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        _save(fig, path)
-    return image
+    return save(fig, path)
 
 
 # ----------------------------------------------------------------------------- everything
@@ -473,7 +406,7 @@ def report(
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m seglight compare",
+        prog="seglight compare",
         description="Compare runs from their config.yaml and metrics.json: the config keys that "
         "differ, mIoU / mAcc / acc, parameters, throughput and memory; per-class IoU and "
         "val/mIoU curves as PNG files with --out.",

@@ -308,7 +308,7 @@ def smp_network(name: str, hp: Any, num_classes: int, in_channels: int) -> tuple
     spec = SMP_PEERS.get(name)
     encoder = hp.get("encoder")
     if spec is None:
-        raise LookupError(f"no smp equivalent of {name} in seglight.bench.SMP_PEERS")
+        raise LookupError(f"no smp equivalent of {name} in seglight.commands.bench.SMP_PEERS")
     if not isinstance(encoder, str) or not _is_timm(encoder):
         raise LookupError(f"{name} with encoder {encoder!r} has no smp equivalent")
     try:
@@ -691,7 +691,7 @@ def _set_dotted(target: dict, key: str, value: Any) -> None:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
     """The bench's options, and the --model.X / --data.X overrides as {group: {X: value}}."""
     parser = argparse.ArgumentParser(
-        prog="python -m seglight bench",
+        prog="seglight bench",
         description="Training and inference speed and peak memory of a seglight architecture "
         "next to the same network in a raw PyTorch loop, smp and torchvision, interleaved in one "
         "process; and a dataset's loader throughput. Options of the model: --model.OPTION VALUE; "

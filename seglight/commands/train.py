@@ -1,0 +1,291 @@
+"""`seglight fit | validate | test | predict`: LightningCLI over every registered architecture
+and dataset (`seglight.cli` dispatches here).
+
+What this adds to LightningCLI:
+- short class names (`model: UNet`, `data: CamVid`), checked before parsing with a clear error;
+- `defaults.yaml` next to the first --config file is applied first, so experiment files are
+  short deltas over it (seglight.config);
+- the data's num_classes, class_names, ignore_index and in_channels are linked into the model;
+- a run directory per run, runs/<experiment>/version_N (config.yaml, checkpoints/, metrics.json,
+  W&B files), and `--ckpt_path last|best` resolved to the newest run of that experiment;
+- bf16 mixed precision chosen automatically on a GPU when trainer.precision is not set;
+- errors caused by the input are printed as one short message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+import seglight.data  # noqa: F401  (registers the datasets)
+import seglight.models  # noqa: F401  (registers the architectures)
+from seglight.config import check_class_names, experiment_name, flatten_config, with_defaults
+from seglight.data.base import DATASETS, SegmentationDataModule
+from seglight.errors import ConfigError
+from seglight.models.base import MODELS, SegmentationModel
+from seglight.utils import first_doc_line, git_revision
+
+RUN_DIR_ENV = "SEGLIGHT_RUN_DIR"
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Saves config.yaml in the run directory and logs the resolved config (flattened), the git
+    revision, and the architecture and dataset as tags to every logger (W&B's run config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        flat = flatten_config(config)
+        flat.update({f"git.{k}": v for k, v in git_revision().items()})
+        tags = [type(pl_module).__name__]
+        if trainer.datamodule is not None:
+            tags.append(type(trainer.datamodule).__name__)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat)
+            if hasattr(logger, "add_tags"):
+                logger.add_tags(tags)
+
+
+# ------------------------------------------------------------------------------- help text
+class _HelpFormatter(DefaultHelpFormatter):
+    def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep the epilog's layout
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def _own_options(cls: type, base: type, group: str) -> list[str]:
+    """One line per __init__ argument that `cls` adds to `base`, with its type, default and doc."""
+    from docstring_parser import parse
+
+    docs = {
+        p.arg_name: (p.description or "").replace("\n", " ")
+        for p in parse(cls.__doc__ or "").params
+    }
+    base_params = set(inspect.signature(base.__init__).parameters)
+    lines = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or name in base_params or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"
+        doc = f"  {docs[name]}" if docs.get(name) else ""
+        lines.append(f"      --{group}.{name}{default}{doc}")
+    return lines
+
+
+def _epilog() -> str:
+    lines = [
+        "architectures (--model NAME, then --model.OPTION VALUE; all options: --model.help NAME):"
+    ]
+    for name, cls in sorted(MODELS.items()):
+        lines.append(f"  {name}: {first_doc_line(cls)}")
+        lines += _own_options(cls, SegmentationModel, "model")
+    lines.append("")
+    lines.append("datasets (--data NAME, then --data.OPTION VALUE; all options: --data.help NAME):")
+    for name, cls in sorted(DATASETS.items()):
+        lines.append(f"  {name}: {first_doc_line(cls)}")
+        lines += _own_options(cls, SegmentationDataModule, "data")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- run directories
+def _versions(base: Path) -> list[Path]:
+    return [
+        p for p in base.glob("version_*") if p.is_dir() and re.fullmatch(r"version_\d+", p.name)
+    ]
+
+
+_CREATED_RUN_DIRS: list[Path] = []
+
+
+def new_run_dir(base: Path) -> Path:
+    """Reserve base/version_N with N one above the highest existing (removed again by `run` if the
+    run fails before writing anything into it)."""
+    base.mkdir(parents=True, exist_ok=True)
+    n = max((int(p.name.split("_")[1]) for p in _versions(base)), default=-1) + 1
+    while True:
+        run_dir = base / f"version_{n}"
+        try:
+            run_dir.mkdir()
+            _CREATED_RUN_DIRS.append(run_dir)
+            return run_dir
+        except FileExistsError:  # another process took it
+            n += 1
+
+
+def find_checkpoint(base: Path, which: str) -> Path:
+    """The newest run's last.ckpt ("last"), or the best checkpoint recorded in it ("best")."""
+    lasts = sorted(
+        (
+            p / "checkpoints" / "last.ckpt"
+            for p in _versions(base)
+            if (p / "checkpoints" / "last.ckpt").is_file()
+        ),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not lasts:
+        raise ConfigError(
+            f"--ckpt_path {which}: no checkpoint found under {base}/version_*/checkpoints/ "
+            "(train this experiment first, from this directory, or pass a checkpoint's path)"
+        )
+    if which == "last":
+        return lasts[-1]
+    import torch
+
+    state = torch.load(lasts[-1], map_location="cpu", weights_only=False, mmap=True)
+    for key, value in state.get("callbacks", {}).items():
+        if "ModelCheckpoint" in key and value.get("best_model_path"):
+            best = Path(value["best_model_path"])
+            if best.is_file():
+                return best
+    raise ConfigError(f"--ckpt_path best: {lasts[-1]} records no best checkpoint that still exists")
+
+
+# ------------------------------------------------------------------------------- the CLI
+class SeglightCLI(LightningCLI):
+    """LightningCLI for SegmentationModel x SegmentationDataModule (see the module docstring)."""
+
+    def __init__(
+        self, args: list[str] | None = None, experiment: str | None = None, **kwargs: Any
+    ) -> None:
+        self.experiment = experiment
+        kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            SegmentationModel,
+            SegmentationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def init_parser(self, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpFormatter)  # subcommands inherit the main one's
+        kwargs.setdefault("prog", "seglight")  # not __main__.py; subcommands add their name
+        if "description" in kwargs:  # a subcommand's parser: list every architecture's options
+            kwargs.setdefault("epilog", _epilog())
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for key in ("num_classes", "class_names", "ignore_index", "in_channels"):
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            self.user_num_classes = (
+                config.model.init_args.get("num_classes") if config.get("model") else None
+            )
+            self._setup_run_dir(config, subcommand)
+
+    def _setup_run_dir(self, config, subcommand: str) -> None:
+        name = self.experiment or str(config.model.class_path).rsplit(".", 1)[-1].lower()
+        base = Path("runs") / name
+        ckpt = config.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            ckpt = str(find_checkpoint(base, ckpt))
+            config.ckpt_path = ckpt
+            print(f"seglight: --ckpt_path resolved to {ckpt}", file=sys.stderr)
+        elif ckpt and not Path(ckpt).is_file():
+            raise ConfigError(f"--ckpt_path: no such file {ckpt!r}")
+        if config.trainer.get("default_root_dir"):
+            run_dir = Path(config.trainer.default_root_dir)
+        elif os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK") not in (None, "0"):
+            run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker: use the launcher's directory
+        elif (
+            ckpt
+            and Path(ckpt).parent.name == "checkpoints"
+            and Path(ckpt).parent.parent.name.startswith("version_")
+        ):
+            run_dir = Path(
+                ckpt
+            ).parent.parent  # resume or evaluate in the run that made the checkpoint
+        else:
+            run_dir = new_run_dir(base)
+        config.trainer.default_root_dir = str(run_dir)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+
+    def before_instantiate_classes(self) -> None:
+        import torch
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # `--trainer.enable_progress_bar false` (or model summary) wins over the defaults' callbacks,
+        # which Lightning would otherwise refuse as contradictory
+        for flag, suffix in (
+            ("enable_progress_bar", "ProgressBar"),
+            ("enable_model_summary", "ModelSummary"),
+        ):
+            if config.trainer.get(flag) is False and config.trainer.get("callbacks"):
+                config.trainer.callbacks = [
+                    c
+                    for c in config.trainer.callbacks
+                    if not str(c.get("class_path", "")).endswith(suffix)
+                ]
+        accelerator = str(config.trainer.get("accelerator") or "auto")
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        if config.trainer.get("sync_batchnorm") and not on_gpu:
+            raise ConfigError(
+                "trainer.sync_batchnorm: true needs CUDA GPUs (torch's SyncBatchNorm does not run on "
+                f"the CPU, and accelerator={accelerator} gives no GPU here); set it to false"
+            )
+        if (
+            on_gpu
+            and config.trainer.get("benchmark") is None
+            and not config.trainer.get("deterministic")
+        ):
+            # fixed training crops: cuDNN picks its fastest kernels once per shape (set
+            # trainer.benchmark: false when images change size often, e.g. full-size evaluation)
+            config.trainer.benchmark = True
+        if config.trainer.get("precision") is None and on_gpu:
+            config.trainer.precision = (
+                "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+            )
+            print(
+                f"seglight: GPU found, using precision {config.trainer.precision}", file=sys.stderr
+            )
+
+    def after_instantiate_classes(self) -> None:
+        data, model = self.datamodule, self.model
+        if self.user_num_classes is not None and self.user_num_classes != data.num_classes:
+            raise ConfigError(
+                f"model num_classes={self.user_num_classes} disagrees with the data: "
+                f"{type(data).__name__} has {data.num_classes} classes. num_classes is taken from the "
+                "data; remove it from the model's options"
+            )
+        run_dir = self.trainer.default_root_dir
+        from seglight.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.use_dir(run_dir)
+        print(
+            f"seglight: run directory {run_dir} ({type(model).__name__} on {type(data).__name__})",
+            file=sys.stderr,
+        )
+
+
+def run(argv: list[str]) -> SeglightCLI:
+    """Run LightningCLI on `argv` (a subcommand and its options); raises SeglightError on bad
+    input."""
+    check_class_names(argv)
+    argv = with_defaults(argv)
+    _CREATED_RUN_DIRS.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            return SeglightCLI(args=argv, experiment=experiment_name(argv))
+    except BaseException:
+        for run_dir in _CREATED_RUN_DIRS:  # leave no empty version_N behind a failed start
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise

@@ -1,0 +1,150 @@
+"""Config files and flat config keys, shared by the CLI, `seglight compare`, `stats` and `sweep`:
+
+- `defaults.yaml` next to the first --config file is applied first, so experiment files are
+  short deltas over it (`with_defaults`);
+- the experiment's name is the stem of the last --config (`experiment_name`: runs/<name>/...);
+- unknown `model:` / `data:` classes fail early with suggestions (`check_class_names`);
+- the resolved config as flat keys that W&B and `compare` group by (`flatten_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seglight.errors import ConfigError
+
+DEFAULTS_FILE = "defaults.yaml"
+
+
+def _class_name(value: dict[str, Any]) -> str:
+    return str(value["class_path"]).rsplit(".", 1)[-1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The resolved config as flat keys W&B (and `seglight compare`) can group and filter by:
+
+    - a class: {"model": {"class_path": "x.UNet", "init_args": {"encoder": "r34"}}} ->
+      {"model": "UNet", "model.encoder": "r34"};
+    - a list of classes (callbacks): their names, "ModelCheckpoint, LearningRateMonitor", and
+      each one's options, "trainer.callbacks.ModelCheckpoint.monitor" (".1", ".2" ... after the
+      name of a class listed twice);
+    - a mapping of names to numbers, such as a weighted loss {ce: 1.0, dice: 0.5}: one value in
+      YAML flow style, "{ce: 1.0, dice: 0.5}", so that runs group by it whatever its form
+      (`loss: ce` gives "ce" under the same key);
+    - other mappings: one key per entry ("model.inference.mode"); lists of plain values stay lists.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and "class_path" in value:
+            flat[name] = _class_name(value)
+            flat.update(flatten_config(value.get("init_args") or {}, f"{name}."))
+        elif isinstance(value, dict) and value and all(map(_is_number, value.values())):
+            flat[name] = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+        elif isinstance(value, dict):
+            flat.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            items = [
+                _class_name(v) if isinstance(v, dict) and "class_path" in v else v for v in value
+            ]
+            flat[name] = ", ".join(str(v) for v in items)
+            seen: dict[str, int] = {}
+            for item, v in zip(items, value, strict=True):
+                if isinstance(v, dict) and "class_path" in v:
+                    seen[item] = seen.get(item, 0) + 1
+                    label = item if seen[item] == 1 else f"{item}.{seen[item] - 1}"
+                    flat.update(flatten_config(v.get("init_args") or {}, f"{name}.{label}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_paths(argv: list[str]) -> list[tuple[int, str]]:
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            found.append((i, argv[i + 1]))
+        elif arg.startswith("--config="):
+            found.append((i, arg.split("=", 1)[1]))
+    return found
+
+
+def with_defaults(argv: list[str]) -> list[str]:
+    """Insert `--config <dir>/defaults.yaml` before the first --config whose folder has one."""
+    configs = config_paths(argv)
+    if not configs:
+        return argv
+    index, first = configs[0]
+    defaults = Path(first).parent / DEFAULTS_FILE
+    given = {Path(p).resolve() for _, p in configs if Path(p).exists()}
+    if not defaults.is_file() or defaults.resolve() in given:
+        return argv
+    return [*argv[:index], "--config", str(defaults), *argv[index:]]
+
+
+def experiment_name(argv: list[str]) -> str | None:
+    """The stem of the last --config that is not a defaults file (runs/<name>/...)."""
+    names = [Path(p).stem for _, p in config_paths(argv) if Path(p).name != DEFAULTS_FILE]
+    return names[-1] if names else None
+
+
+def _class_ok(name: str, registry: dict[str, type]) -> bool:
+    if name in registry:
+        return True
+    module, _, attr = name.rpartition(".")
+    if not module:
+        return False
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except ImportError:
+        return False
+
+
+def check_class_names(argv: list[str]) -> None:
+    """Fail early, with suggestions, on an unknown `model:` / `data:` class or a missing config file."""
+    values: list[tuple[str, str, str]] = []  # (group, name, where)
+    for _, path in config_paths(argv):
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            content = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: invalid YAML: {e}") from e
+        for group in ("model", "data"):
+            value = content.get(group) if isinstance(content, dict) else None
+            if isinstance(value, dict):
+                value = value.get("class_path")
+            if isinstance(value, str):
+                values.append((group, value, path))
+    for i, arg in enumerate(argv):
+        for group in ("model", "data"):
+            if arg == f"--{group}" and i + 1 < len(argv):
+                values.append((group, argv[i + 1], "the command line"))
+            elif arg.startswith(f"--{group}="):
+                values.append((group, arg.split("=", 1)[1], "the command line"))
+    if not values:
+        return
+    from seglight.data import DATASETS  # the registries: imported only when there is a name
+    from seglight.models import MODELS
+
+    for group, name, where in values:
+        registry = MODELS if group == "model" else DATASETS
+        if name.endswith((".yaml", ".yml", ".json")) or name.startswith("{"):
+            continue  # a config file or inline config for the group
+        if not _class_ok(name, registry):
+            close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            kind = "architecture" if group == "model" else "dataset"
+            raise ConfigError(
+                f"unknown {kind} {name!r} ({group}: in {where}). "
+                f"Known: {', '.join(sorted(registry))}.{hint}"
+            )
