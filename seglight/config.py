@@ -1,7 +1,7 @@
 """Config files and flat config keys, shared by the CLI, `seglight compare`, `stats` and `sweep`:
 
-- `defaults.yaml` next to the first --config file is applied first, so experiment files are
-  short deltas over it (`with_defaults`);
+- `defaults.yaml` next to the first --config file (and one in the folder above it) is applied
+  first, so experiment files are short deltas over it (`with_defaults`);
 - the experiment's name is the stem of the last --config (`experiment_name`: runs/<name>/...);
 - unknown `model:` / `data:` classes fail early with suggestions (`check_class_names`);
 - the resolved config as flat keys that W&B and `compare` group by (`flatten_config`).
@@ -79,16 +79,21 @@ def config_paths(argv: list[str]) -> list[tuple[int, str]]:
 
 
 def with_defaults(argv: list[str]) -> list[str]:
-    """Insert `--config <dir>/defaults.yaml` before the first --config whose folder has one."""
+    """Insert `--config .../defaults.yaml` before the first --config for each defaults file in
+    that config's parent folder and in its own folder, in that order (experiments/semi/x.yaml
+    gets experiments/defaults.yaml, then experiments/semi/defaults.yaml)."""
     configs = config_paths(argv)
     if not configs:
         return argv
     index, first = configs[0]
-    defaults = Path(first).parent / DEFAULTS_FILE
+    folder = Path(first).parent
     given = {Path(p).resolve() for _, p in configs if Path(p).exists()}
-    if not defaults.is_file() or defaults.resolve() in given:
-        return argv
-    return [*argv[:index], "--config", str(defaults), *argv[index:]]
+    inserted: list[str] = []
+    for defaults in (folder.parent / DEFAULTS_FILE, folder / DEFAULTS_FILE):
+        if defaults.is_file() and defaults.resolve() not in given:
+            given.add(defaults.resolve())
+            inserted += ["--config", str(defaults)]
+    return [*argv[:index], *inserted, *argv[index:]]
 
 
 def experiment_name(argv: list[str]) -> str | None:
@@ -109,6 +114,18 @@ def _class_ok(name: str, registry: dict[str, type]) -> bool:
         return False
 
 
+def _check_network(init_args: Any, where: str) -> None:
+    """A method's `network: {class_path: X}` needs a dotted path (jsonargparse resolves nested
+    class paths by import); `network: X` takes the short name."""
+    network = init_args.get("network") if isinstance(init_args, dict) else None
+    if isinstance(network, dict) and "." not in str(network.get("class_path", ".")):
+        name = network["class_path"]
+        raise ConfigError(
+            f"network: class_path {name!r} (in {where}): write the dotted path "
+            f"seglight.models.{name} inside `network:`, or `network: {name}` for its defaults"
+        )
+
+
 def check_class_names(argv: list[str]) -> None:
     """Fail early, with suggestions, on an unknown `model:` / `data:` class or a missing config file."""
     values: list[tuple[str, str, str]] = []  # (group, name, where)
@@ -122,6 +139,7 @@ def check_class_names(argv: list[str]) -> None:
         for group in ("model", "data"):
             value = content.get(group) if isinstance(content, dict) else None
             if isinstance(value, dict):
+                _check_network(value.get("init_args"), path)
                 value = value.get("class_path")
             if isinstance(value, str):
                 values.append((group, value, path))
@@ -133,6 +151,7 @@ def check_class_names(argv: list[str]) -> None:
                 values.append((group, arg.split("=", 1)[1], "the command line"))
     if not values:
         return
+    import seglight.methods  # noqa: F401  (the training methods register in MODELS)
     from seglight.data import DATASETS  # the registries: imported only when there is a name
     from seglight.models import MODELS
 

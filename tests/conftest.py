@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# the training methods register in MODELS like the architectures: import them here so that the
+# registry-parametrised tests see the same MODELS whatever the order tests import modules in
+import seglight.methods  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = Path(os.environ.get("SEGLIGHT_CAMVID", REPO.parent / "shared" / "data" / "camvid"))
 

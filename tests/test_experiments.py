@@ -12,7 +12,19 @@ from conftest import REPO, make_fake_camvid
 
 from seglight.cli import run
 
-EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if p.name != "defaults.yaml")
+EXPERIMENTS = sorted(
+    p for p in (REPO / "experiments").glob("**/*.yaml") if p.name != "defaults.yaml"
+)
+
+
+def data_class(path: Path) -> str:
+    """The data class of an experiment: its own `data:`, else its folder's defaults.yaml's."""
+    for source in (path, path.parent / "defaults.yaml"):
+        config = yaml.safe_load(source.read_text()) if source.is_file() else None
+        data = (config or {}).get("data")
+        if data:
+            return data["class_path"] if isinstance(data, dict) else data
+    raise AssertionError(f"{path}: no data class")
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +34,14 @@ def tiny_camvid(tmp_path_factory) -> Path:
     )
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+@pytest.mark.parametrize(
+    "path",
+    EXPERIMENTS,
+    ids=[p.relative_to(REPO / "experiments").with_suffix("").as_posix() for p in EXPERIMENTS],
+)
 def test_experiment_runs_one_batch(path, tiny_camvid, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = yaml.safe_load(path.read_text())
-    data = config["data"]["class_path"] if isinstance(config["data"], dict) else config["data"]
+    data = data_class(path)
     args = [
         "fit",
         "--config",
@@ -37,7 +52,7 @@ def test_experiment_runs_one_batch(path, tiny_camvid, tmp_path, monkeypatch):
         "cpu",
     ]
     args += ["--data.num_workers", "0", "--data.batch_size", "2"]
-    if data.endswith("CamVid"):
+    if data.endswith(("CamVid", "SemiSupervised")):  # the semi/ configs wrap CamVid
         args += ["--data.root", str(tiny_camvid), "--data.crop_size", "[64, 64]"]
     if data.endswith("Synthetic"):
         args += ["--data.num_train", "4", "--data.num_val", "2"]

@@ -3,8 +3,8 @@ and dataset (`seglight.cli` dispatches here).
 
 What this adds to LightningCLI:
 - short class names (`model: UNet`, `data: CamVid`), checked before parsing with a clear error;
-- `defaults.yaml` next to the first --config file is applied first, so experiment files are
-  short deltas over it (seglight.config);
+- `defaults.yaml` next to the first --config file (and one in the folder above it) is applied
+  first, so experiment files are short deltas over it (seglight.config);
 - the data's num_classes, class_names, ignore_index and in_channels are linked into the model;
 - a run directory per run, runs/<experiment>/version_N (config.yaml, checkpoints/, metrics.json,
   W&B files), and `--ckpt_path last|best` resolved to the newest run of that experiment;
@@ -27,6 +27,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 import seglight.data  # noqa: F401  (registers the datasets)
+import seglight.methods  # noqa: F401  (registers the training methods)
 import seglight.models  # noqa: F401  (registers the architectures)
 from seglight.config import check_class_names, experiment_name, flatten_config, with_defaults
 from seglight.data.base import DATASETS, SegmentationDataModule

@@ -9,6 +9,7 @@ from seglight.data.cityscapes import Cityscapes
 from seglight.data.coco import COCO, COCOStuff
 from seglight.data.folder import Folder
 from seglight.data.nyudv2 import NYUDv2
+from seglight.data.semi import SemiSupervised
 from seglight.data.sunrgbd import SUNRGBD
 from seglight.data.synthetic import Synthetic
 from seglight.data.voc import VOC
@@ -26,6 +27,7 @@ __all__ = [
     "NYUDv2",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "SemiSupervised",
     "Synthetic",
     "VOC",
 ]

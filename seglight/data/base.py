@@ -456,8 +456,12 @@ class SegmentationDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=train and len(dataset) > batch_size,
-            collate_fn=collate if self.ignore_index == 255 else _Collate(self.ignore_index),
+            collate_fn=self.collate_fn(),
         )
+
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The loaders' collate function (a hook for data with more keys per sample)."""
+        return collate if self.ignore_index == 255 else _Collate(self.ignore_index)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, train=True)

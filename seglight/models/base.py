@@ -236,6 +236,9 @@ class SegmentationModel(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # semi-supervised data ({"labeled": batch, "unlabeled": batch}): a plain model trains on
+        # the labelled part only, the reference row of semi-supervised tables
+        batch = batch.get("labeled", batch)
         output = self.net(self._input(batch))
         loss = self.compute_loss(output, batch["mask"])
         # not prog_bar: Lightning reads progress-bar values back to the host after every batch (a
@@ -360,6 +363,10 @@ class SegmentationModel(L.LightningModule):
                 del state[key]
 
     # ----------------------------------------------------------------------------- optimisation
+    def networks(self) -> list[nn.Module]:
+        """The trained networks (methods with two, such as CPS, list both)."""
+        return [self.net]
+
     def parameter_groups(self) -> list[dict]:
         """Weight decay on conv/linear weights only, not on norms and biases (standard practice);
         the encoder's (`net.encoder`) learning rate times `encoder_lr_mult`."""
@@ -367,13 +374,14 @@ class SegmentationModel(L.LightningModule):
         mult = hp.get("encoder_lr_mult", 1.0)
         encoder_ids: set[int] = set()
         if mult != 1.0:
-            encoder = getattr(getattr(self.net, "_orig_mod", self.net), "encoder", None)
-            if not isinstance(encoder, nn.Module):
-                raise ConfigError(
-                    f"encoder_lr_mult={mult}: {type(self).__name__}'s network has no `encoder` "
-                    "module (the convention for the backbone whose learning rate it scales)"
-                )
-            encoder_ids = {id(p) for p in encoder.parameters()}
+            for net in self.networks():
+                encoder = getattr(getattr(net, "_orig_mod", net), "encoder", None)
+                if not isinstance(encoder, nn.Module):
+                    raise ConfigError(
+                        f"encoder_lr_mult={mult}: {type(self).__name__}'s network has no `encoder` "
+                        "module (the convention for the backbone whose learning rate it scales)"
+                    )
+                encoder_ids |= {id(p) for p in encoder.parameters()}
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for p in self.parameters():
             if p.requires_grad:  # the EMA copy has none

@@ -1,0 +1,267 @@
+"""SemiSupervisedModel: the base of training methods that learn from unlabelled images.
+
+A method is a SegmentationModel (so it registers in MODELS, `model: MeanTeacher` works in YAML,
+and it keeps the base model's metrics, logging, checkpoints, inference recipes and EMA) whose
+segmentation network is any registered architecture, given as `network: UNet` or
+`network: {class_path: DeepLabV3Plus, init_args: {encoder: resnet101}}`; num_classes and
+in_channels come from the data. Validation, test and predict run `self.net` (or its EMA).
+
+Training batches come from seglight.data.SemiSupervised: {"labeled": batch, "unlabeled": batch}.
+Unlabelled batches carry an all-ignore "mask" (never read from disk) and "valid", bool [B, H, W],
+False on the crop's padding.
+
+The helpers below make the strong and weak views the methods need, on whole batches on their
+device (no loader round trip): photometric jitter as UniMatch's strong augmentation (colour
+jitter, grayscale, Gaussian blur), CutMix boxes (Yun et al. 2019; French et al. BMVC 2020 for
+segmentation) and ClassMix masks (Olsson et al. WACV 2021); and the schedules: a sigmoid ramp-up
+(Laine and Aila 2017, used by Mean Teacher) and "switch on after step N" (AdvSemiSeg's L_semi).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_colour
+from seglight.errors import ConfigError
+from seglight.models.base import MODELS, SegmentationModel
+
+NetworkSpec = str | dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- the network
+def build_network(spec: NetworkSpec, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A fresh segmentation network (the `.net` of a registered architecture).
+
+    spec: a short name ("UNet"), a dotted class path, or {"class_path": ..., "init_args": {...}}.
+    """
+    if isinstance(spec, str):
+        name, options = spec, {}
+    elif isinstance(spec, dict) and "class_path" in spec:
+        name, options = str(spec["class_path"]), dict(spec.get("init_args") or {})
+    else:
+        raise ConfigError(
+            f"network: expected an architecture name or {{class_path, init_args}}, got {spec!r}"
+        )
+    short = name.rsplit(".", 1)[-1]
+    cls = MODELS.get(short)
+    if cls is None:
+        raise ConfigError(
+            f"network: unknown architecture {name!r}. Known: "
+            f"{', '.join(sorted(n for n, c in MODELS.items() if not issubclass(c, SemiSupervisedModel)))}"
+        )
+    if issubclass(cls, SemiSupervisedModel):
+        raise ConfigError(f"network: {short} is a training method, not an architecture")
+    for key in ("num_classes", "in_channels"):
+        if key in options:
+            raise ConfigError(f"network: {short}'s {key} is taken from the data; remove it")
+    return cls(num_classes=num_classes, in_channels=in_channels, **options).net
+
+
+def logits_of(output: torch.Tensor | dict) -> torch.Tensor:
+    """The main logits of a network's output (a tensor, or {"out", "aux"} in training)."""
+    return output["out"] if isinstance(output, dict) else output
+
+
+# ----------------------------------------------------------------------------- views on the device
+def _per_image(draw: torch.Tensor, p: float, lo: float, hi: float) -> torch.Tensor:
+    """Factors [B] uniform in [lo, hi], or 1 where the draw misses probability p."""
+    b = draw.shape[0]
+    factor = lo + (hi - lo) * torch.rand(b, device=draw.device)
+    return torch.where(draw < p, factor, torch.ones_like(factor))
+
+
+def _rotate_hue(image: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Hue rotation by `angle` (radians, [B]) in YIQ space; image [B, 3, H, W] in [0, 255]."""
+    r, g, b = image.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    i = 0.596 * r - 0.274 * g - 0.322 * b
+    q = 0.211 * r - 0.523 * g + 0.312 * b
+    cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+    i, q = i * cos - q * sin, i * sin + q * cos
+    rgb = torch.stack(
+        [y + 0.956 * i + 0.621 * q, y - 0.272 * i - 0.647 * q, y - 1.106 * i + 1.703 * q], 1
+    )
+    return rgb.clamp(0, 255)
+
+
+def _blur(image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with one sigma per image ([B], 0 = none); image [B, C, H, W]."""
+    b, c, h, w = image.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma.clamp(min=1e-3).view(-1, 1) ** 2))  # [B, K]
+    kernel = torch.where(sigma.view(-1, 1) > 0, kernel, (x == 0).to(image.dtype).expand(b, -1))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
+    flat = image.reshape(1, b * c, h, w)
+    flat = F.pad(
+        flat,
+        (radius, radius, radius, radius),
+        mode="reflect" if min(h, w) > radius else "replicate",
+    )
+    flat = F.conv2d(flat, kernel.view(b * c, 1, 1, -1), groups=b * c)
+    flat = F.conv2d(flat, kernel.view(b * c, 1, -1, 1), groups=b * c)
+    return flat.view(b, c, h, w)
+
+
+def photometric_jitter(
+    image: torch.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    p: float = 0.8,
+    brightness: float = 0.5,
+    contrast: float = 0.5,
+    saturation: float = 0.5,
+    hue: float = 0.25,
+    grayscale_p: float = 0.2,
+    blur_p: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.1, 2.0),
+) -> torch.Tensor:
+    """UniMatch's strong photometric augmentation on a normalised batch [B, 3, H, W], per image:
+    with probability p colour jitter (brightness, contrast, saturation factors in [1 - s, 1 + s],
+    hue rotated by up to hue * 180 degrees), grayscale with probability grayscale_p, Gaussian
+    blur (sigma uniform in blur_sigma) with probability blur_p. Returns the same shape,
+    normalised. Images without 3 channels are returned unchanged.
+
+    Deviation: torchvision's ColorJitter applies the four adjustments in a random order and the
+    hue shift in HSV space; here the order is fixed and the hue is rotated in YIQ space.
+    """
+    if image.shape[1] != 3:
+        return image
+    b = image.shape[0]
+    m = torch.tensor(mean[:3], device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std[:3], device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    x = (image * s + m) * 255
+    jitter = torch.rand(b, device=image.device)
+    x = adjust_colour(
+        x,
+        _per_image(jitter, p, 1 - brightness, 1 + brightness),
+        _per_image(jitter, p, 1 - contrast, 1 + contrast),
+        _per_image(jitter, p, 1 - saturation, 1 + saturation),
+    )
+    if hue > 0:
+        angle = (2 * torch.rand(b, device=image.device) - 1) * hue * math.pi
+        x = _rotate_hue(x, torch.where(jitter < p, angle, torch.zeros_like(angle)))
+    gray = torch.rand(b, device=image.device) < grayscale_p
+    luma = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    x = torch.where(gray.view(-1, 1, 1, 1), luma, x)
+    if blur_p > 0:
+        sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * torch.rand(b, device=x.device)
+        sigma = torch.where(torch.rand(b, device=x.device) < blur_p, sigma, torch.zeros_like(sigma))
+        x = _blur(x, sigma)
+    return (x / 255 - m) / s
+
+
+def cutmix_boxes(
+    batch: int,
+    size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """CutMix boxes, bool [B, H, W]: with probability p a box of area fraction uniform in `area`
+    and aspect ratio (w/h) uniform in `ratio` at a uniform position (clipped to the image), else
+    none; UniMatch's obtain_cutmix_box with its defaults (one box per image)."""
+    h, w = size
+    boxes = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    draws = torch.rand(batch, 5).tolist()  # host-side draws: a few numbers per image
+    for i, (on, a, r, y, x) in enumerate(draws):
+        if on >= p:
+            continue
+        frac = area[0] + (area[1] - area[0]) * a
+        aspect = ratio[0] + (ratio[1] - ratio[0]) * r
+        bw = min(w, int(round(math.sqrt(frac * h * w * aspect))))
+        bh = min(h, int(round(math.sqrt(frac * h * w / aspect))))
+        top, left = int(y * (h - bh + 1)), int(x * (w - bw + 1))
+        boxes[i, top : top + bh, left : left + bw] = True
+    return boxes
+
+
+def classmix_masks(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """ClassMix masks, bool [B, H, W]: for each image of labels [B, H, W] (pseudo-labels),
+    the pixels of a random half of the classes present in it (Olsson et al. 2021, Sec. 3.1)."""
+    masks = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for i in range(labels.shape[0]):
+        classes = labels[i].unique()
+        classes = classes[classes != ignore_index]
+        if len(classes) == 0:
+            continue
+        chosen = classes[
+            torch.randperm(len(classes), device=classes.device)[: (len(classes) + 1) // 2]
+        ]
+        masks[i] = torch.isin(labels[i], chosen)
+    return masks
+
+
+def mix(where: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`source` inside the mask `where` ([B, H, W]), `target` elsewhere; tensors [B, H, W] or
+    [B, C, H, W]."""
+    if source.dim() == where.dim() + 1:
+        where = where.unsqueeze(1)
+    return torch.where(where, source, target)
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """exp(-5 (1 - t)^2) with t = step / length clipped to [0, 1] (Laine and Aila 2017, used by
+    Mean Teacher); 1 when length is 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step, 0), length) / length
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+# ----------------------------------------------------------------------------- the base method
+class SemiSupervisedModel(SegmentationModel):
+    """Base of the semi- and weakly supervised methods (see the module docstring).
+
+    Args:
+        network: the segmentation network: a registered architecture's short name, or
+            {class_path: NAME, init_args: {...}} (num_classes and in_channels from the data).
+        **kwargs: loss, optimiser, schedule, EMA and inference options: see SegmentationModel.
+    """
+
+    def __init__(self, network: NetworkSpec = "DeepLabV3Plus", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.network_spec = network
+        self.net = self.build_network()
+
+    def build_network(self) -> nn.Module:
+        """A fresh network as given by `network` (methods with two networks call it twice)."""
+        return build_network(self.network_spec, self.num_classes, self.in_channels)
+
+    # ------------------------------------------------------------------ batches
+    def split_batch(self, batch: dict) -> tuple[dict, dict]:
+        """(labelled batch, unlabelled batch) of a SemiSupervised training batch."""
+        if "labeled" not in batch or "unlabeled" not in batch:
+            got = "a plain batch" if "image" in batch else f"keys {sorted(batch)}"
+            raise ConfigError(
+                f"{type(self).__name__} trains on labelled and unlabelled images: use "
+                f"`data: SemiSupervised` with labeled < all (got {got})"
+            )
+        return batch["labeled"], batch["unlabeled"]
+
+    def data_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The data's normalisation (mean, std), for views made in pixel space."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
+
+    def strong_view(self, image: torch.Tensor, **options: Any) -> torch.Tensor:
+        """photometric_jitter of a normalised batch with the data's normalisation."""
+        mean, std = self.data_stats()
+        return photometric_jitter(image, mean, std, **options)
+
+    def after(self, step: int) -> bool:
+        """True from optimiser step `step` on (a term "switched on after step N"); the step
+        counter is Lightning's global_step, restored on resume."""
+        return self.global_step >= step
+
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log train/<name> for each loss term (train/loss is the total), per step and epoch."""
+        for name, value in losses.items():
+            key = "train/loss" if name == "loss" else f"train/{name}"
+            self.log(key, value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)

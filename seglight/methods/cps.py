@@ -1,0 +1,98 @@
+"""Cross pseudo supervision (Chen, Yuan, Zeng and Wang, "Semi-supervised semantic segmentation
+with cross pseudo supervision", CVPR 2021).
+
+Two networks of the same architecture, initialised differently, each trained with cross-entropy
+towards the other's hard pseudo-labels (argmax), on the labelled and unlabelled images together,
+plus the supervised cross-entropy of both: L = L_s(1) + L_s(2) + lambda (L_cps(1<-2) +
+L_cps(2<-1)). One optimiser over both networks, as in the authors' code (TorchSemiSeg); the
+first network (`net`) is evaluated, as their eval uses branch1.
+
+Defaults: lambda = 1.5 (the paper, Sec. 4.1: 1.5 on PASCAL VOC, 6 on Cityscapes); `cutmix: true`
+is the paper's "CPS + CutMix" (Table 1-2, the authors' cutmix code): pseudo-labels are predicted
+on two unlabelled images, mixed with a CutMix box, and the networks predict the mixed image; the
+CPS term is then on unlabelled images only. Deviations: the CutMix source is another image of
+the batch (rolled by one), not a second unlabelled loader, and the box is UniMatch's (one box,
+2-40% of the area) rather than their BoxMaskGenerator's; padding pixels of unlabelled crops get
+no pseudo-label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seglight.methods.base import (
+    NetworkSpec,
+    SemiSupervisedModel,
+    cutmix_boxes,
+    logits_of,
+    mix,
+)
+
+
+class CPS(SemiSupervisedModel):
+    """Cross pseudo supervision (Chen et al. 2021): two networks, each supervised by the other's
+    hard pseudo-labels.
+
+    Args:
+        network: the architecture of both networks (see SemiSupervisedModel).
+        cps_weight: lambda, the weight of the cross pseudo supervision loss (1.5, VOC).
+        cutmix: the CutMix variant (CPS + CutMix).
+        cutmix_p: probability of a CutMix box per image in that variant.
+        **kwargs: see SegmentationModel.
+    """
+
+    def __init__(
+        self,
+        network: NetworkSpec = "DeepLabV3Plus",
+        cps_weight: float = 1.5,
+        cutmix: bool = False,
+        cutmix_p: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(network=network, **kwargs)
+        self.net2 = self.build_network()  # a second draw of the initial weights
+        self.cps_weight = cps_weight
+        self.cutmix = cutmix
+        self.cutmix_p = cutmix_p
+
+    def networks(self) -> list[nn.Module]:
+        return [self.net, self.net2]
+
+    def _pseudo(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        labels = logits.detach().argmax(1)
+        return labels if valid is None else labels.masked_fill(~valid, self.ignore_index)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labeled, unlabeled = self.split_batch(batch)
+        x, u = self._input(labeled), self._input(unlabeled)
+        valid = unlabeled["valid"]
+        out1, out2 = self.net(x), self.net2(x)
+        sup = self.compute_loss(out1, labeled["mask"]) + self.compute_loss(out2, labeled["mask"])
+        if self.cutmix:
+            boxes = cutmix_boxes(len(u), tuple(u.shape[-2:]), u.device, self.cutmix_p)
+            perm = torch.roll(torch.arange(len(u), device=u.device), 1)
+            with torch.no_grad():  # the pseudo-labels of the two source images, then mixed
+                t1, t2 = logits_of(self.net(u)), logits_of(self.net2(u))
+            mixed_valid = mix(boxes, valid[perm], valid)
+            target1 = self._pseudo(mix(boxes, t1[perm], t1), mixed_valid)
+            target2 = self._pseudo(mix(boxes, t2[perm], t2), mixed_valid)
+            u_mix = mix(boxes, u[perm], u)
+            p1, p2 = logits_of(self.net(u_mix)), logits_of(self.net2(u_mix))
+        else:
+            u1, u2 = logits_of(self.net(u)), logits_of(self.net2(u))
+            if x.shape[-2:] == u.shape[-2:]:  # the paper: labelled and unlabelled together
+                p1 = torch.cat([logits_of(out1), u1])
+                p2 = torch.cat([logits_of(out2), u2])
+                keep = torch.cat([torch.ones_like(labeled["mask"], dtype=torch.bool), valid])
+            else:  # images of different sizes (no crop): the unlabelled ones only
+                p1, p2, keep = u1, u2, valid
+            target1, target2 = self._pseudo(p1, keep), self._pseudo(p2, keep)
+        ce = dict(ignore_index=self.ignore_index)
+        cps = F.cross_entropy(p1, target2, **ce) + F.cross_entropy(p2, target1, **ce)
+        loss = sup + self.cps_weight * cps
+        self.log_losses({"loss": loss, "loss_sup": sup, "loss_cps": cps}, len(x))
+        return loss
