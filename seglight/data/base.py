@@ -12,10 +12,12 @@ modification times) in ~/.cache/seglight/verified, so the next run starts at onc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,13 +96,30 @@ def invalid_values(mask: np.ndarray, num_classes: int, ignore_index: int) -> lis
     return [int(v) for v in values if not (0 <= v < num_classes or v == ignore_index)]
 
 
+_MASKS_OPTIONAL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "masks_optional", default=False
+)
+
+
+@contextlib.contextmanager
+def masks_optional() -> Iterator[None]:
+    """Within this context find_pairs pairs an image that has no mask with None instead of
+    failing: the unlabelled images of semi-supervised data (seglight.data.semi) need none."""
+    token = _MASKS_OPTIONAL.set(True)
+    try:
+        yield
+    finally:
+        _MASKS_OPTIONAL.reset(token)
+
+
 def find_pairs(
     image_dir: Path,
     mask_dir: Path,
     image_exts: Sequence[str] = IMAGE_EXTENSIONS,
     mask_exts: Sequence[str] = MASK_EXTENSIONS,
-) -> list[tuple[Path, Path]]:
-    """Match images and masks by file stem, whatever the image's extension (.png, .jpg, ...)."""
+) -> list[tuple[Path, Path | None]]:
+    """Match images and masks by file stem, whatever the image's extension (.png, .jpg, ...);
+    every image needs its mask (except within `masks_optional()`)."""
     for d, what in ((image_dir, "image"), (mask_dir, "mask")):
         if not d.is_dir():
             raise DataError(f"{what} folder {str(d)!r} does not exist")
@@ -109,13 +128,13 @@ def find_pairs(
     if not images:
         raise DataError(f"no images ({', '.join(image_exts)}) in {str(image_dir)!r}")
     unmatched = sorted(set(images) - set(masks))
-    if unmatched:
+    if unmatched and not _MASKS_OPTIONAL.get():
         shown = ", ".join(images[s].name for s in unmatched[:5])
         raise DataError(
             f"{len(unmatched)} image(s) in {str(image_dir)!r} have no mask of the same name in "
             f"{str(mask_dir)!r}: {shown}{' ...' if len(unmatched) > 5 else ''}"
         )
-    return [(images[s], masks[s]) for s in sorted(images)]
+    return [(images[s], masks.get(s)) for s in sorted(images)]
 
 
 def _files_by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:

@@ -39,6 +39,7 @@ from seglight.data.base import (
     SegmentationDataModule,
     SegmentationDataset,
     collate,
+    masks_optional,
     read_mask,
 )
 from seglight.errors import ConfigError, DataError
@@ -281,9 +282,11 @@ class SemiSupervised(SegmentationDataModule):
         return tuple(self.dataset.splits)
 
     # ------------------------------------------------------------------ the labelled subset
-    def _choose(self, names: list[str]) -> list[int]:
-        """Indices (into `names`, the training split) of the labelled images."""
+    def _choose(self, names: list[str], has_mask: list[bool] | None = None) -> list[int]:
+        """Indices (into `names`, the training split) of the labelled images, among those with
+        a mask (`has_mask`, default all)."""
         what = f"the {type(self.dataset).__name__} train split"
+        has_mask = has_mask or [True] * len(names)
         if self.labeled_split is not None:
             path = Path(self.labeled_split)
             listed = read_split_list(path)
@@ -298,6 +301,11 @@ class SemiSupervised(SegmentationDataModule):
             twice = sorted({n for n in listed if listed.count(n) > 1})
             if twice:
                 raise DataError(f"labeled_split {str(path)!r} lists {twice[0]!r} twice")
+            unmasked = [n for n in listed if not has_mask[index[n]]]
+            if unmasked:
+                raise DataError(
+                    f"labeled_split {str(path)!r}: image {unmasked[0]!r} has no mask in {what}"
+                )
             return sorted(index[n] for n in listed)
         if isinstance(self.labeled, float):
             count = max(1, round(self.labeled * len(names)))
@@ -307,8 +315,14 @@ class SemiSupervised(SegmentationDataModule):
                 raise DataError(
                     f"SemiSupervised: labeled={count} but {what} has {len(names)} images"
                 )
-        order = np.random.default_rng(self.seed).permutation(len(names))
-        return sorted(int(i) for i in order[:count])
+        eligible = [i for i in range(len(names)) if has_mask[i]]
+        if count > len(eligible):
+            raise DataError(
+                f"SemiSupervised: labeled={self.labeled} asks for {count} labelled images but "
+                f"only {len(eligible)} of the {len(names)} in {what} have masks"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(eligible))
+        return sorted(eligible[int(i)] for i in order[:count])
 
     def _read_image_labels(self, names: list[str]) -> dict[str, torch.Tensor]:
         path = Path(self.image_labels).expanduser()
@@ -366,12 +380,13 @@ class SemiSupervised(SegmentationDataModule):
 
     def _build_train(self) -> None:
         """datasets["train"] (labelled) and datasets["unlabeled"] from the wrapped train split."""
-        full = self.dataset.build_dataset("train", train=True)
+        with masks_optional():  # unlabelled images may have no mask at all
+            full = self.dataset.build_dataset("train", train=True)
         if len(full) == 0:
             raise DataError(f"{type(self.dataset).__name__}: the train split is empty")
         if isinstance(full, SegmentationDataset):
             names = [image.stem for image, _ in full.pairs]
-            chosen = set(self._choose(names))
+            chosen = set(self._choose(names, [mask is not None for _, mask in full.pairs]))
             labelled = [full.pairs[i] for i in sorted(chosen)]
             rest = [(full.pairs[i][0], None) for i in range(len(names)) if i not in chosen]
             image_labels = (
