@@ -1,0 +1,262 @@
+"""The semi-supervised methods (seglight.methods): every registered method trains a few steps on
+tiny data and resumes exactly; the views and schedules; the network option; DDP on 2 processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_fake_camvid, run_cli
+
+from seglight.cli import run
+from seglight.data import CamVid, SemiSupervised
+from seglight.errors import ConfigError
+from seglight.methods import CPS, FixMatch, MeanTeacher, SemiSupervisedModel, build_network
+from seglight.methods.base import (
+    classmix_masks,
+    cutmix_boxes,
+    mix,
+    photometric_jitter,
+    sigmoid_rampup,
+)
+from seglight.models import MODELS, UNetNetwork
+
+TINY = {
+    "class_path": "seglight.models.UNet",
+    "init_args": {"encoder": "original", "base_channels": 4},
+}
+METHODS = sorted(n for n, c in MODELS.items() if issubclass(c, SemiSupervisedModel))
+
+
+def test_the_methods_are_registered_and_the_base_is_not():
+    assert {"MeanTeacher", "FixMatch", "CPS"} <= set(METHODS)
+    assert "SemiSupervisedModel" not in MODELS
+
+
+@pytest.fixture(scope="module")
+def camvid(tmp_path_factory) -> Path:
+    root = make_fake_camvid(
+        tmp_path_factory.mktemp("data") / "camvid", {"train": 6, "val": 2, "test": 2}, (32, 32)
+    )
+    # image-level labels of every training image, for methods with weak supervision
+    labels = {f"0001TP_train_{i:04d}": ["Sky", "Road", "Car"] for i in range(6)}
+    (root / "image_labels.json").write_text(json.dumps(labels))
+    return root
+
+
+def data(root: Path) -> SemiSupervised:
+    return SemiSupervised(
+        CamVid(root=str(root), crop_size=(32, 32), batch_size=2, num_workers=0),
+        labeled=2,
+        image_labels="image_labels.json",
+    )
+
+
+def trainer(tmp_path: Path, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path), **kwargs,
+    )  # fmt: skip
+
+
+def method(name: str, **kwargs) -> SemiSupervisedModel:
+    return MODELS[name](num_classes=11, network=TINY, **kwargs)
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_and_resumes_exactly(name, camvid, tmp_path):
+    torch.manual_seed(0)
+    model = method(name)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    first = trainer(tmp_path / "a", 2)
+    first.fit(model, data(camvid))
+    assert first.global_step == 2
+    logged = first.callback_metrics
+    assert torch.isfinite(logged["train/loss"])
+    changed = [
+        k for k, v in model.state_dict().items() if k not in start or not torch.equal(v, start[k])
+    ]
+    # every network (and a teacher or discriminator) moved, not only the first one
+    for net in model.networks():
+        for key, param in net.named_parameters():
+            full = next(k for k, p in model.named_parameters() if p is param)
+            assert full in changed or not param.requires_grad, f"{name}: {key} did not train"
+    ckpt = tmp_path / "a" / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+
+    class Check(L.Callback):
+        def on_train_start(self, trainer, module):
+            assert trainer.global_step == 2
+            for key, value in module.state_dict().items():
+                assert torch.equal(value, saved["state_dict"][key]), key
+            for mine, theirs in zip(trainer.optimizers, saved["optimizer_states"], strict=True):
+                state = mine.state_dict()["state"]
+                assert state and len(state) == len(theirs["state"])
+                for index, entry in state.items():
+                    for k, v in entry.items():
+                        assert torch.equal(v, theirs["state"][index][k]), (index, k)
+            self.checked = True
+
+    check = Check()
+    resumed = method(name)
+    second = trainer(tmp_path / "b", 3, callbacks=[check])
+    second.fit(resumed, data(camvid), ckpt_path=str(ckpt))
+    assert check.checked and second.global_step == 3
+
+
+def test_methods_need_unlabelled_images(camvid, tmp_path):
+    model = method("FixMatch")
+    plain = CamVid(root=str(camvid), crop_size=(32, 32), batch_size=2, num_workers=0)
+    with pytest.raises(ConfigError, match="FixMatch trains on labelled and unlabelled images"):
+        trainer(tmp_path, 1).fit(model, plain)
+
+
+def test_fixmatch_trains_on_confident_pseudo_labels_only(camvid, tmp_path):
+    torch.manual_seed(0)
+    loose = FixMatch(num_classes=11, network=TINY, threshold=0.0)
+    trainer(tmp_path / "a", 1).fit(loose, data(camvid))
+    strict = FixMatch(num_classes=11, network=TINY, threshold=1.01)
+    t = trainer(tmp_path / "b", 1)
+    t.fit(strict, data(camvid))
+    assert (
+        t.callback_metrics["train/confident"] == 0 and t.callback_metrics["train/loss_unsup"] == 0
+    )
+    assert trainer_metric(loose, "train/loss_unsup") > 0
+
+
+def trainer_metric(model: SemiSupervisedModel, key: str) -> float:
+    return float(model.trainer.callback_metrics[key])
+
+
+def test_mean_teacher_evaluates_the_teacher(camvid, tmp_path):
+    model = MeanTeacher(num_classes=11, network=TINY, ema_decay=0.9, rampup_steps=0)
+    trainer(tmp_path, 2).fit(model, data(camvid))
+    assert model.ema.num_updates == 2
+    student, teacher = model.net.state_dict(), model.ema.module.state_dict()
+    assert any(not torch.equal(student[k], teacher[k]) for k in student)
+    x = torch.randn(1, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.ema.module(x))
+    with pytest.raises(ConfigError, match="ema_decay is the teacher's decay"):
+        MeanTeacher(num_classes=3, network=TINY, ema_decay=None)
+
+
+def test_cps_networks_differ_and_both_encoders_take_the_lr_multiplier():
+    model = CPS(num_classes=3, network="LinkNet", encoder_lr_mult=0.1, lr=1.0)
+    first = dict(model.net.named_parameters())
+    assert any(not torch.equal(p, first[k]) for k, p in model.net2.named_parameters())
+    groups = model.parameter_groups()
+    slow = {id(p) for g in groups if g["lr"] == pytest.approx(0.1) for p in g["params"]}
+    for net in (model.net, model.net2):
+        assert {id(p) for p in net.encoder.parameters()} <= slow
+        assert not {id(p) for p in net.decoder.parameters()} & slow
+
+
+# ----------------------------------------------------------------------------- the network option
+def test_network_forms_and_errors():
+    assert isinstance(build_network("UNet", 3), torch.nn.Module)
+    short = {"class_path": "UNet", "init_args": {"encoder": "original", "base_channels": 4}}
+    for spec in (short, TINY):
+        net = build_network(spec, 5, in_channels=1)
+        assert isinstance(net, UNetNetwork)
+        assert net(torch.randn(1, 1, 17, 23)).shape == (1, 5, 17, 23)
+    with pytest.raises(ConfigError, match="unknown architecture 'NoNet'"):
+        build_network("NoNet", 3)
+    with pytest.raises(ConfigError, match="FixMatch is a training method, not an architecture"):
+        build_network("FixMatch", 3)
+    with pytest.raises(ConfigError, match="num_classes is taken from the data"):
+        build_network({"class_path": "UNet", "init_args": {"num_classes": 3}}, 3)
+
+
+def test_cli_takes_a_method_by_short_name_and_a_short_dataset(camvid, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "m.yaml"
+    config.write_text(
+        "model:\n  class_path: MeanTeacher\n  init_args:\n    network:\n"
+        "      class_path: seglight.models.UNet\n"
+        "      init_args: {encoder: original, base_channels: 4}\n"
+        "data:\n  class_path: SemiSupervised\n  init_args:\n    dataset: CamVid\n    labeled: 2\n"
+    )
+    args = ["fit", "--config", str(config), "--data.root", str(camvid), "--data.num_workers", "0"]
+    args += ["--data.crop_size", "[32, 32]", "--data.batch_size", "2"]
+    args += ["--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu"]
+    cli = run(args)
+    assert isinstance(cli.model, MeanTeacher) and cli.model.num_classes == 11
+    assert cli.trainer.global_step == 1
+    config.write_text(config.read_text().replace("seglight.models.UNet", "UNet"))
+    with pytest.raises(ConfigError, match="write the dotted path seglight.models.UNet"):
+        run(args)
+
+
+# ----------------------------------------------------------------------------- views
+def test_photometric_jitter_is_per_image_and_off_when_asked():
+    torch.manual_seed(0)
+    image = torch.randn(4, 3, 16, 16).clamp(-1.5, 1.5)
+    off = photometric_jitter(image, p=0.0, hue=0.0, grayscale_p=0.0, blur_p=0.0)
+    assert torch.allclose(off, image, atol=1e-4)
+    on = photometric_jitter(image, p=1.0)
+    assert on.shape == image.shape and not torch.allclose(on, image, atol=1e-2)
+    gray = photometric_jitter(image, p=0.0, hue=0.0, grayscale_p=1.0, blur_p=0.0)
+    pixels = gray * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = pixels + torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-4)  # R = G = B
+    one_channel = torch.randn(2, 1, 8, 8)
+    assert photometric_jitter(one_channel) is one_channel
+
+
+def test_cutmix_boxes_classmix_and_mixing():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(64, (40, 50), p=1.0)
+    area = boxes.float().mean((1, 2))
+    assert (area > 0.005).all() and (area < 0.45).all()
+    for box in boxes:  # one axis-aligned rectangle
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        assert box.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert not cutmix_boxes(8, (10, 10), p=0.0).any()
+    labels = torch.tensor([[[0, 1], [2, 255]]])
+    masks = classmix_masks(labels)
+    assert masks.sum() == 2 and not masks[0, 1, 1]  # 2 of the 3 classes, never the ignore
+    a, b = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
+    where = torch.tensor([[[True, False], [False, False]]])
+    assert mix(where, b, a)[0, :, 0, 0].eq(1).all() and mix(where, b, a).sum() == 3
+
+
+def test_schedules():
+    assert sigmoid_rampup(0, 100) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
+    assert sigmoid_rampup(100, 100) == sigmoid_rampup(500, 100) == 1.0
+    assert sigmoid_rampup(3, 0) == 1.0
+    model = method("FixMatch")
+    assert model.after(0) and not model.after(1)
+
+
+# ----------------------------------------------------------------------------- DDP
+@pytest.mark.slow  # two processes: 30 s on an idle 2-core machine, minutes on a busy one
+def test_ddp_on_two_processes(camvid, tmp_path):
+    config = tmp_path / "cps.yaml"
+    config.write_text(
+        "model:\n  class_path: CPS\n  init_args:\n    network: {class_path: seglight.models.UNet, "
+        "init_args: {encoder: original, base_channels: 4}}\n"
+        "data:\n  class_path: SemiSupervised\n  init_args:\n"
+        "    dataset: {class_path: CamVid, init_args: {crop_size: [32, 32]}}\n    labeled: 2\n"
+    )
+    run_dir = tmp_path / "run"
+    run_cli(
+        ["fit", "--config", str(config), "--data.root", str(camvid), "--data.num_workers", "0",
+         "--data.batch_size", "1", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+         "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir)],
+        cwd=tmp_path, env={"WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    # 4 unlabelled images, 1 per batch on 2 ranks: 2 steps; one record of the labelled choice
+    (path,) = run_dir.rglob("*.ckpt")  # no defaults.yaml here: Lightning's own checkpoint
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert len((run_dir / "labeled.txt").read_text().splitlines()) == 3
+    assert json.loads((run_dir / "metrics.json").read_text())["val"]["mIoU"] is not None
