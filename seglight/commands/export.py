@@ -143,6 +143,7 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> nn.Module:
     checkpoint's hyper-parameters. Pretrained encoder weights are not fetched again (the
     checkpoint holds the trained ones).
     """
+    import seglight.methods  # noqa: F401  (a method's checkpoint exports its network)
     from seglight.models import MODELS
 
     path = Path(path)

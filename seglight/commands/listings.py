@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import sys
 
+import seglight.methods  # noqa: F401  (the training methods are listed with the models)
 from seglight.data import DATASETS
 from seglight.errors import ConfigError
 from seglight.models import MODELS
