@@ -106,34 +106,24 @@ class SemiDataset(SegmentationDataset):
         return torch.from_numpy(read_mask(self.pairs[index][1], self.label_map).astype(np.int64))
 
 
-class _Unlabelled(Dataset):
-    """A generated (not file-based) dataset's samples with the mask replaced by ignore_index."""
+class _Generated(Dataset):
+    """A generated (not file-based) dataset's samples: labelled ones with image_labels from
+    their (cropped) mask, unlabelled ones with the mask replaced by ignore_index."""
 
-    def __init__(self, subset: Subset, ignore_index: int) -> None:
-        self.subset, self.ignore_index = subset, ignore_index
-
-    def __len__(self) -> int:
-        return len(self.subset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self.subset[index])
-        sample["valid"] = torch.ones(sample["mask"].shape, dtype=torch.bool)
-        sample["mask"] = torch.full_like(sample["mask"], self.ignore_index)
-        return sample
-
-
-class _Presence(Dataset):
-    """A generated dataset's labelled samples with image_labels from their (cropped) mask."""
-
-    def __init__(self, subset: Subset, num_classes: int) -> None:
-        self.subset, self.num_classes = subset, num_classes
+    def __init__(self, subset: Subset, labeled: bool, num_classes: int, ignore_index: int) -> None:
+        self.subset, self.labeled = subset, labeled
+        self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def __len__(self) -> int:
         return len(self.subset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.subset[index])
-        sample["image_labels"] = presence(sample["mask"], self.num_classes)
+        if self.labeled:
+            sample["image_labels"] = presence(sample["mask"], self.num_classes)
+        else:
+            sample["valid"] = torch.ones(sample["mask"].shape, dtype=torch.bool)
+            sample["mask"] = torch.full_like(sample["mask"], self.ignore_index)
         return sample
 
 
@@ -404,8 +394,9 @@ class SemiSupervised(SegmentationDataModule):
                 )
             chosen = self._choose([str(i) for i in range(len(full))])
             rest = [i for i in range(len(full)) if i not in set(chosen)]
-            self.datasets["train"] = _Presence(Subset(full, chosen), self.num_classes)
-            self.datasets["unlabeled"] = _Unlabelled(Subset(full, rest), self.ignore_index)
+            k, ignore = self.num_classes, self.ignore_index
+            self.datasets["train"] = _Generated(Subset(full, chosen), True, k, ignore)
+            self.datasets["unlabeled"] = _Generated(Subset(full, rest), False, k, ignore)
             self.labeled_names = [full[i]["name"] for i in chosen]
 
     def build_dataset(self, split: str, train: bool) -> Dataset:
