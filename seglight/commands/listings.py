@@ -118,7 +118,7 @@ def cmd_datasets(argv: list[str]) -> None:
     for name, cls in sorted(DATASETS.items()):
         if argv and name not in argv:
             continue
-        if cls.class_names:
+        if isinstance(cls.class_names, (list, tuple)) and cls.class_names:  # not a property
             classes = f"{len(cls.class_names)}: {', '.join(cls.class_names)}"
         else:
             classes = "set by the data (see its layout and options)"
