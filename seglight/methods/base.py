@@ -19,6 +19,7 @@ segmentation) and ClassMix masks (Olsson et al. WACV 2021); and the schedules: a
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_colour
 from seglight.errors import ConfigError
-from seglight.models.base import MODELS, SegmentationModel
+from seglight.models.base import MODELS, PolyWithWarmup, SegmentationModel
 
 NetworkSpec = str | dict[str, Any]
 
@@ -266,6 +267,45 @@ class SemiSupervisedModel(SegmentationModel):
             key = "train/loss" if name == "loss" else f"train/{name}"
             self.log(key, value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
 
+    # ------------------------------------------------------------------ two players
+    def with_auxiliary_optimizer(
+        self, player: nn.Module, optimizer: torch.optim.Optimizer, schedule: bool = True
+    ) -> list[dict]:
+        """configure_optimizers of a method with a second player trained by its own optimiser
+        (AdvSemiSeg's discriminator, GANSemiSeg's generator; manual optimisation): the base
+        model's optimiser and schedule over everything but `player`, then `optimizer` (over
+        `player`) with the same schedule's factor (`schedule`) or a constant learning rate."""
+        # parameter_groups leaves out parameters without gradients (as it does the EMA copy)
+        player.requires_grad_(False)
+        try:
+            main = super().configure_optimizers()
+        finally:
+            player.requires_grad_(True)
+        factor = main["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        factor = copy.copy(factor) if schedule else PolyWithWarmup(1, kind="constant")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return [
+            main,
+            {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}},
+        ]
+
+    def step_optimizer(self, optimizer: Any, counted: bool = True) -> None:
+        """Manual optimisation: step `optimizer` (one of self.optimizers()) and its schedule.
+
+        Only the network's optimiser is `counted` in global_step, so that a step is a batch as
+        for every other model (max_steps, schedules, `after(N)`); the second player's step goes
+        through the same strategy and precision plugin (gradient unscaling), uncounted."""
+        if counted:
+            optimizer.step()
+            if self.ema is not None:  # the base model updates it in optimizer_step (automatic only)
+                self.ema.update(self.net)
+        else:
+            self.trainer.strategy.optimizer_step(
+                optimizer.optimizer, closure=lambda: None, model=self
+            )
+        for config in self.trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizer.optimizer:
+                config.scheduler.step()
 
 # the base of the methods is not a method of its own: not listed, not parametrised over in tests
 del MODELS[SemiSupervisedModel.__name__]

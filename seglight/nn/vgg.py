@@ -115,6 +115,8 @@ class VGG16(nn.Module):
         pool_strides: stride of each of the 5 poolings.
         dilations: dilation of each stage's convolutions (DeepLab: conv5 dilated by 2).
         return_indices: the poolings also return their argmax indices (for max-unpooling).
+        channels: channels of the 5 stages (VGG16's 64, 128, 256, 512, 512); narrower stages for a
+            small CPU budget (timm's weights then do not fit).
 
     Poolings round up (``ceil_mode``, as Caffe does), so no input is too small and every pixel
     is covered. `forward` returns the 5 pooled outputs (pool1..pool5); architectures needing the
@@ -133,13 +135,14 @@ class VGG16(nn.Module):
         pool_strides: Sequence[int] = (2, 2, 2, 2, 2),
         dilations: Sequence[int] = (1, 1, 1, 1, 1),
         return_indices: bool = False,
+        channels: Sequence[int] = VGG16_CHANNELS,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.channels = list(VGG16_CHANNELS)
+        self.channels = list(channels)
         self.timm_name = "vgg16_bn" if batch_norm else "vgg16"
         stages, c_in = [], in_channels
-        for c_out, depth, dilation in zip(VGG16_CHANNELS, VGG16_DEPTHS, dilations, strict=True):
+        for c_out, depth, dilation in zip(self.channels, VGG16_DEPTHS, dilations, strict=True):
             stages.append(
                 nn.Sequential(
                     *(
