@@ -140,11 +140,16 @@ def test_advsemiseg_self_training_switches_on_at_semi_start(camvid_root):
         assert ("train/loss_semi_step" in t.callback_metrics) is expected
 
 
-def test_advsemiseg_resume_restores_both_players_and_the_switch(camvid_root, tmp_path):
+@pytest.mark.parametrize(
+    "name,player", [("AdvSemiSeg", "discriminator"), ("GANSemiSeg", "generator")]
+)
+def test_resume_restores_both_players_and_the_switch(name, player, camvid_root, tmp_path):
+    """Resuming restores the network, the second player, both optimisers and schedules, and
+    the step (so AdvSemiSeg's L_semi is on exactly from semi_start)."""
+    options = {"semi_start": 2} if name == "AdvSemiSeg" else {}
     torch.manual_seed(0)
-    model = build("AdvSemiSeg", semi_start=2)
     t = trainer(2)
-    t.fit(model, datamodule=semi_data(camvid_root))
+    t.fit(build(name, **options), datamodule=semi_data(camvid_root))
     assert "train/loss_semi_step" not in t.callback_metrics  # steps 0, 1: off
     ckpt = tmp_path / "last.ckpt"
     t.save_checkpoint(ckpt)
@@ -155,25 +160,22 @@ def test_advsemiseg_resume_restores_both_players_and_the_switch(camvid_root, tmp
 
     class Check(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if seen:
-                return
-            seen["step"] = module.global_step
-            seen["state"] = {k: v.clone() for k, v in module.state_dict().items()}
-            seen["d_state"] = copy.deepcopy(trainer.optimizers[1].state_dict())
-            seen["lrs"] = [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs]
+            if not seen:
+                seen["step"] = module.global_step
+                seen["state"] = {k: v.clone() for k, v in module.state_dict().items()}
+                seen["opt"] = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+                seen["lrs"] = [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs]
 
-    resumed = build("AdvSemiSeg", semi_start=2)
     t2 = trainer(3, callbacks=[Check()])
-    t2.fit(resumed, datamodule=semi_data(camvid_root), ckpt_path=ckpt)
+    t2.fit(build(name, **options), datamodule=semi_data(camvid_root), ckpt_path=ckpt)
     assert seen["step"] == 2 and seen["lrs"] == [2, 2]
-    for key in ("discriminator.layers.0.weight", "net.head.weight"):
-        matches = [k for k in saved["state_dict"] if k.startswith(key.rsplit(".", 1)[0])]
-        assert matches
-        for k in matches:
-            assert torch.equal(seen["state"][k], saved["state_dict"][k])
-    exp_avg = seen["d_state"]["state"][0]["exp_avg"]
-    assert torch.equal(exp_avg, saved["optimizer_states"][1]["state"][0]["exp_avg"])
-    assert "train/loss_semi_step" in t2.callback_metrics  # step 2 >= semi_start: on
+    for prefix in ("net.", f"{player}."):
+        keys = [k for k in saved["state_dict"] if k.startswith(prefix)]
+        assert keys and all(torch.equal(seen["state"][k], saved["state_dict"][k]) for k in keys)
+    for restored, stored in zip(seen["opt"], saved["optimizer_states"], strict=True):
+        assert torch.equal(restored["state"][0]["exp_avg"], stored["state"][0]["exp_avg"])
+    # step 2 >= semi_start: on after resuming
+    assert ("train/loss_semi_step" in t2.callback_metrics) is (name == "AdvSemiSeg")
     assert t2.global_step == 3
 
 
@@ -256,3 +258,17 @@ def test_decoupled_learns_from_image_labels_of_unlabelled_images(camvid_root, tm
     trainer(1).fit(model, datamodule=data)
     assert encoded == [4]  # 2 labelled + 2 unlabelled images in one pass
     assert decoded == [4]  # 2 labelled images x 2 classes present in each crop
+
+
+def test_bad_options_are_clear():
+    from seglight.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="background_index must be in"):
+        DecoupledNet(num_classes=3, background_index=3, **TINY_DECOUPLED)
+    with pytest.raises(ConfigError, match="encoder_weights need width 64"):
+        DecoupledNet(num_classes=3, encoder_weights="imagenet", **TINY_DECOUPLED)
+    with pytest.raises(ConfigError, match="classes_per_image must be >= 1"):
+        DecoupledNet(num_classes=3, classes_per_image=0, **TINY_DECOUPLED)
+    with pytest.raises(ConfigError, match="trains on labelled and unlabelled"):
+        model = build("AdvSemiSeg")
+        model.split_batch({"image": torch.zeros(1, 3, 8, 8), "mask": torch.zeros(1, 8, 8)})
