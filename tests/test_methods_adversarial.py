@@ -132,14 +132,6 @@ def test_trains_and_every_player_steps(name, camvid_root):
         assert model(torch.randn(1, 3, 33, 47)).shape == (1, 11, 33, 47)
 
 
-def test_advsemiseg_self_training_switches_on_at_semi_start(camvid_root):
-    for semi_start, expected in [(1, True), (5, False)]:
-        model = build("AdvSemiSeg", semi_start=semi_start)
-        t = trainer(2)
-        t.fit(model, datamodule=semi_data(camvid_root))
-        assert ("train/loss_semi_step" in t.callback_metrics) is expected
-
-
 @pytest.mark.parametrize(
     "name,player", [("AdvSemiSeg", "discriminator"), ("GANSemiSeg", "generator")]
 )
