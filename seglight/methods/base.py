@@ -307,5 +307,6 @@ class SemiSupervisedModel(SegmentationModel):
             if config.scheduler.optimizer is optimizer.optimizer:
                 config.scheduler.step()
 
+
 # the base of the methods is not a method of its own: not listed, not parametrised over in tests
 del MODELS[SemiSupervisedModel.__name__]
