@@ -195,7 +195,7 @@ def test_decoupled_runs_the_decoder_once_per_detected_class(background):
     _detecting(net, [1, 3])
     calls: list[int] = []
     net.figure_ground.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-    with torch.no_grad():
+    with torch.inference_mode():  # as Lightning validates and tests
         out = net(torch.randn(2, 3, 33, 47))
     assert calls == [4]  # one decoder call: 2 images x 2 detected classes
     assert out.shape == (2, 6, 33, 47)

@@ -172,9 +172,10 @@ class DecoupledNetNetwork(nn.Module):
         """
         was_training = self.fc.training
         self.fc.eval()
-        with torch.enable_grad():
-            features = pool5.detach().requires_grad_(True)
-            scores = self.classify(features)[torch.arange(len(classes)), classes]
+        # validation and test run under inference_mode, which enable_grad alone does not lift
+        with torch.inference_mode(False), torch.enable_grad():
+            features = pool5.detach().clone().requires_grad_(True)
+            scores = self.classify(features)[torch.arange(len(classes)), classes.clone()]
             # samples are independent (no BatchNorm in the classifier): one backward for all
             (grad,) = torch.autograd.grad(scores.flatten(1).amax(1).sum(), features)
         self.fc.train(was_training)
