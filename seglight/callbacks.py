@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.callbacks import RichModelSummary as _RichModelSummary
 from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
@@ -203,7 +204,9 @@ class ModelCheckpoint(_ModelCheckpoint):
 
 class RichProgressBar(_RichProgressBar):
     """Lightning's rich progress bar, also showing the training loss, read back from the device
-    only every `loss_every_n_steps` steps (each read is a host sync, which stalls a GPU).
+    only every `loss_every_n_steps` steps (each read is a host sync, which stalls a GPU), and
+    after each validation its val/mIoU and the best so far (read once per validation, when the
+    metric has been computed and synced already). Lightning's `v_num` is not shown.
 
     Args:
         loss_every_n_steps: how often to refresh the shown loss.
@@ -214,9 +217,21 @@ class RichProgressBar(_RichProgressBar):
         super().__init__(**kwargs)
         self.loss_every_n_steps = max(1, loss_every_n_steps)
         self._loss: float | None = None
+        self._miou: float | None = None
+        self._best: tuple[float, int] | None = None  # (val/mIoU, epoch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        miou = trainer.callback_metrics.get("val/mIoU")
+        if trainer.sanity_checking or miou is None or trainer.state.fn != "fit":
+            return
+        self._miou = _scalar(miou)
+        if self._miou is not None and (self._best is None or self._miou >= self._best[0]):
+            self._best = (self._miou, trainer.current_epoch)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version (a W&B id's tail), not the run's
         loss = trainer.callback_metrics.get("train/loss_step")
         if loss is not None and (
             self._loss is None or trainer.global_step % self.loss_every_n_steps == 0
@@ -224,7 +239,55 @@ class RichProgressBar(_RichProgressBar):
             self._loss = float(loss)
         if self._loss is not None:
             metrics["loss"] = f"{self._loss:.3g}"
+        if self._miou is not None:
+            metrics["val/mIoU"] = f"{self._miou:.3f}"
+        if self._best is not None:
+            metrics["best"] = f"{self._best[0]:.3f} ep{self._best[1]}"
         return metrics
+
+
+class RichModelSummary(_RichModelSummary):
+    """Lightning's rich model summary without the FLOPs column and total when they were not
+    measured (Lightning counts FLOPs only for models with an `example_input_array`, and shows 0
+    otherwise)."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+        model_size: float, total_training_modes: dict[str, int], total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:  # fmt: skip
+        if total_flops:
+            _RichModelSummary.summarize(
+                summary_data, total_parameters, trainable_parameters, model_size,
+                total_training_modes, total_flops, **summarize_kwargs,
+            )  # fmt: skip
+            return
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for i, (name, _) in enumerate(columns):
+            table.add_column(name if name else " ", style="dim" if i == 0 else None,
+                             justify="right" if name in ("Params", "In sizes", "Out sizes") else "left")  # fmt: skip
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        trainable, total = (
+            get_human_readable_count(trainable_parameters),
+            get_human_readable_count(total_parameters),
+        )
+        console.print(
+            f"[bold]Trainable params[/]: {trainable}   [bold]Total params[/]: {total}   "
+            f"[bold]Size[/]: {get_formatted_model_size(model_size)} MB   "
+            f"[bold]Modules in train/eval mode[/]: {total_training_modes['train']}/{total_training_modes['eval']}"
+        )  # fmt: skip
 
 
 class LogPredictions(L.Callback):
@@ -305,6 +368,12 @@ class LogPerClassMetrics(L.Callback):
         self.every_n_epochs = every_n_epochs
         # the last validation's (stage, counts, step, logged to W&B already)
         self._last: tuple[str, torch.Tensor, int, bool] | None = None
+        self._ckpt_epoch: int | None = None  # the epoch of the checkpoint evaluated
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._ckpt_epoch = checkpoint.get("epoch")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._collect(trainer, pl_module, "val")
@@ -355,7 +424,7 @@ class LogPerClassMetrics(L.Callback):
             return
         names = list(getattr(pl_module, "class_names", None) or range(len(confmat)))
         path = Path(trainer.default_root_dir) / f"confusion_{stage}.png" if save else None
-        title = f"{type(pl_module).__name__} {stage} (step {step})"
+        title = _confusion_title(type(pl_module).__name__, stage, confmat, self._epoch(trainer))
         try:
             image = plot_confusion(confmat, names, path, title=title)
         except ImportError as e:  # no matplotlib: keep the table, never fail a finished run
@@ -378,6 +447,20 @@ class LogPerClassMetrics(L.Callback):
             )
             if image is not None:
                 logger.log_image(f"{stage}/confusion_matrix", [image], step=step, caption=[title])
+
+    def _epoch(self, trainer: L.Trainer) -> int | None:
+        """The epoch the weights come from: this fit's, or the evaluated checkpoint's."""
+        return trainer.current_epoch if trainer.state.fn == "fit" else self._ckpt_epoch
+
+
+def _confusion_title(model: str, stage: str, confmat: torch.Tensor, epoch: int | None) -> str:
+    """ "UNet test, epoch 17: mIoU 61.3%" (mIoU over the classes present, as in seglight.metrics)."""
+    from seglight.plots import class_scores
+
+    iou = class_scores(confmat)["IoU"]
+    miou = float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan")
+    when = f", epoch {epoch}" if epoch is not None else ", no checkpoint"
+    return f"{model} {stage}{when}: mIoU {100 * miou:.1f}%"
 
 
 def _wandb_active(logger: Any) -> bool:
@@ -409,6 +492,41 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.overlays = overlays
         self.alpha = alpha
+        self._written = {"masks": 0, "overlays": 0}
+        self.last_written: dict[str, Any] = {}  # `written` at the end of the last predict
+
+    def _out(self, trainer: L.Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._written = {"masks": 0, "overlays": 0}
+
+    def written(self, trainer: L.Trainer) -> dict[str, Any]:
+        """{"predict/masks", "predict/overlays": files written by all ranks, "predict/dir"}
+        (a collective: every rank calls it)."""
+        counts = torch.tensor([self._written["masks"], self._written["overlays"]])
+        masks, overlays = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum"))
+        return {
+            "predict/masks": masks,
+            "predict/overlays": overlays,
+            "predict/dir": str(self._out(trainer)),
+        }
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say what was written where (the counts of every rank)."""
+        written = self.last_written = self.written(trainer)
+        masks, overlays = written["predict/masks"], written["predict/overlays"]
+        if not trainer.is_global_zero:
+            return
+        out = self._out(trainer)
+        print(
+            f"seglight predict: wrote {masks} masks to {out}/ (palette PNG, class index per pixel)"
+        )
+        if overlays:
+            print(
+                f"seglight predict: wrote {overlays} overlays to {out / 'overlays'}/ (JPEG: the "
+                "image beside its prediction blended over it)"
+            )
 
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
@@ -417,7 +535,7 @@ class PredictionWriter(BasePredictionWriter):
         from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
         from seglight.inference import overlay
 
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+        out = self._out(trainer)
         dm = trainer.datamodule
         palette = getattr(dm, "palette", None) or default_palette(pl_module.num_classes)
         flat = [c for rgb in palette for c in rgb]
@@ -433,12 +551,14 @@ class PredictionWriter(BasePredictionWriter):
             image = Image.fromarray(pred.numpy(), mode="P")
             image.putpalette(flat)
             self._save(image, out / f"{name}.png", "PNG")
+            self._written["masks"] += 1
             if images is not None:
                 # classes beyond the palette (none in practice) wrap around rather than fail
                 coloured = colours[pred.long() % len(colours)].permute(2, 0, 1)
                 side_by_side = overlay(images[i], coloured, self.alpha)
                 picture = Image.fromarray(side_by_side.permute(1, 2, 0).numpy())
                 self._save(picture, out / "overlays" / f"{name}.jpg", "JPEG", quality=90)
+                self._written["overlays"] += 1
 
     @staticmethod
     def _save(image: Image.Image, path: Path, fmt: str, **options: Any) -> None:

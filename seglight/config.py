@@ -4,13 +4,15 @@
   first, so experiment files are short deltas over it (`with_defaults`);
 - the experiment's name is the stem of the last --config (`experiment_name`: runs/<name>/...);
 - unknown `model:` / `data:` classes fail early with suggestions (`check_class_names`);
-- the resolved config as flat keys that W&B and `compare` group by (`flatten_config`).
+- the resolved config as flat keys that W&B and `compare` group by (`flatten_config`), without
+  the keys that cannot matter to a comparison (`logged_config`).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,45 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+#: flat config keys (and their sub-keys) that say where a run's files go and how the console
+#: and the loggers show it, none of which changes the result: not logged to W&B, not compared
+NOT_COMPARED = (
+    "config",
+    "ckpt_path",
+    "weights_only",
+    "trainer.default_root_dir",
+    "trainer.logger",  # the W&B run's name, group, job type and tags are its own fields
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_autolog_hparams",
+    "trainer.log_every_n_steps",
+    "trainer.model_registry",
+    "trainer.callbacks.ModelCheckpoint.dirpath",
+    "trainer.callbacks.ModelCheckpoint.filename",
+    "trainer.callbacks.ModelCheckpoint.verbose",
+    "trainer.callbacks.ModelCheckpoint.auto_insert_metric_name",
+    "trainer.callbacks.ModelCheckpoint.enable_version_counter",
+    "trainer.callbacks.ModelCheckpoint.save_on_exception",
+)
+#: the options of callbacks that only display or log (progress bars, model summaries, W&B media)
+_DISPLAY_CALLBACK = re.compile(
+    r"trainer\.callbacks\.(\w*ProgressBar|\w*ModelSummary|LearningRateMonitor|LogPredictions"
+    r"|LogPerClassMetrics)(\.\d+)?\."
+)
+
+
+def is_compared(key: str) -> bool:
+    """Whether a flat config key can matter to a comparison of runs (see NOT_COMPARED)."""
+    if _DISPLAY_CALLBACK.match(key):
+        return False
+    return not any(key == k or key.startswith(k + ".") for k in NOT_COMPARED)
+
+
+def logged_config(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat config without the keys that cannot matter to a comparison (W&B's run config)."""
+    return {k: v for k, v in flat.items() if is_compared(k)}
 
 
 def config_paths(argv: list[str]) -> list[tuple[int, str]]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
+from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -61,13 +63,48 @@ class WandbLogger(_LightningWandbLogger):
                     "upload later with `wandb sync <run dir>/wandb/offline-run-*`"
                 )
         self._dir_given = save_dir is not None
+        # W&B's own run summary at the end (history sparklines, ~40 lines per run) repeats what
+        # seglight prints; its warnings and the offline/sync lines stay
+        if kwargs.get("settings") is None:
+            kwargs["settings"] = {"quiet": True}
         super().__init__(project=project, offline=offline, save_dir=save_dir or ".", **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which W&B >= 0.19 warns about on every run
+            self._wandb_init.pop("anonymous", None)
 
     def use_dir(self, path: str | os.PathLike) -> None:
         """Write W&B's files under `path` (when no save_dir was given and no run started yet)."""
         if not self._dir_given and self._experiment is None:
             os.makedirs(path, exist_ok=True)
             self._save_dir = self._wandb_init["dir"] = os.fspath(path)
+
+    def name_run(self, name: str, job_type: str | None = None) -> None:
+        """Name the run (and set its job type) unless given as options or in WANDB_NAME /
+        WANDB_JOB_TYPE; before the run starts."""
+        if self._experiment is not None:
+            return
+        if not self._wandb_init.get("name") and not os.environ.get("WANDB_NAME"):
+            self._wandb_init["name"] = self._name = name
+        if (
+            job_type
+            and not self._wandb_init.get("job_type")
+            and not os.environ.get("WANDB_JOB_TYPE")
+        ):
+            self._wandb_init["job_type"] = job_type
+
+    def resume_run(self, run_id: str) -> None:
+        """Log into the existing W&B run `run_id` (W&B's resume by id; offline too: `wandb sync`
+        uploads the offline parts of one run in order) instead of starting a new one; before the
+        run starts. Its name, group and job type stay those of the run."""
+        if self._experiment is not None:
+            return
+        self._wandb_init.update(id=run_id, resume="allow")
+        for key in ("name", "group", "job_type"):
+            self._wandb_init.pop(key, None)
+        self._id, self._name = run_id, None
+        self.resumed = True
+
+    resumed = False
 
     def add_tags(self, tags: list[str]) -> None:
         """Add tags to the run (rank zero; kept with those given as options or in WANDB_TAGS)."""
@@ -78,3 +115,19 @@ class WandbLogger(_LightningWandbLogger):
         run = self.experiment  # started here if it was not yet: tags are set on the live run
         if not isinstance(run, DummyExperiment):  # other ranks than zero get a dummy
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str | None:
+    """The id of the first W&B run written in `run_dir`/wandb (the fit's), or None.
+
+    W&B names each run's folder `run-<date>_<time>-<id>` (`offline-run-...` offline).
+    """
+    folder = Path(run_dir) / "wandb"
+    if not folder.is_dir():
+        return None
+    found = [
+        m.groups()
+        for p in folder.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"(?:offline-)?run-(\d{8}_\d{6})-(\w+)", p.name))
+    ]
+    return min(found)[1] if found else None

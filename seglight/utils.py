@@ -78,3 +78,37 @@ def first_doc_line(obj: object) -> str:
 
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+#: Lightning's info lines that are not the user's business: an advertisement, a note on our own
+#: model-summary callback, and a step of its own bookkeeping
+_LIGHTNING_NOISE = (
+    "💡 Tip: For seamless cloud logging",
+    "Trainer already configured with model summary callbacks",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
+
+
+class _DropMessages:
+    """A logging filter dropping records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def silence_known_noise() -> None:
+    """Silence messages of the libraries that say nothing about the user's run (each one by its
+    text, nothing else): Lightning's litlogger tip and two notes on its internals, and the
+    deprecation warning torch raises inside Lightning's own pytree helper (Lightning's code, not
+    the user's, uses the deprecated LeafSpec). Idempotent."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(_LIGHTNING_NOISE))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -160,13 +160,20 @@ def test_bad_input_gives_a_short_clear_error(tmp_path, args, message):
     if args[0] == "--data.root":
         base = [a if a != str(root) else args[1] for a in base]
         args = []
-    proc = run_cli(["fit", *base, *args], cwd=tmp_path, check=False)
+    # W&B offline (as without an account): a failed start must not leave an offline run either
+    proc = run_cli(["fit", *base, *args], cwd=tmp_path, check=False, env={"WANDB_MODE": "offline"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not any((tmp_path / "runs").glob("*/version_*")), (
-        "a failed run leaves no empty run directory"
+    assert_no_run_left(tmp_path)
+
+
+def assert_no_run_left(work: Path) -> None:
+    """A failed start leaves no runs/<experiment>/version_N and no W&B run to sync."""
+    assert not (work / "runs").exists() or not any((work / "runs").iterdir()), sorted(
+        str(p) for p in (work / "runs").rglob("*")
     )
+    assert not list(work.rglob("*run-*")), "a W&B run was started"
 
 
 def test_bad_mask_fails_before_training(tmp_path):
@@ -175,10 +182,11 @@ def test_bad_mask_fails_before_training(tmp_path):
     mask = np.array(Image.open(bad))
     mask[5, 5] = 77
     Image.fromarray(mask).save(bad)
-    proc = run_cli(["fit", *tiny(root)], cwd=tmp_path, check=False)
+    proc = run_cli(["fit", *tiny(root)], cwd=tmp_path, check=False, env={"WANDB_MODE": "offline"})
     assert proc.returncode == 2
     assert "0001TP_train_0001.png' has values [77]" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert_no_run_left(tmp_path)
 
 
 def test_missing_config_file(tmp_path):

@@ -5,10 +5,12 @@ image at the end of validation and test."""
 from __future__ import annotations
 
 import json
+import shlex
 import struct
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run_cli
 from PIL import Image
 
@@ -56,17 +58,26 @@ def wandb_records(offline_run: Path) -> list:
 
 
 def run_info(records: list) -> dict:
-    """{"group", "job_type", "tags", "name"} from the last run record, "config" {key: value}
-    from the config records, "history": list of {key: value} (values decoded from JSON)."""
-    info: dict = {"config": {}, "history": []}
+    """{"id", "group", "job_type", "tags", "name"} from the last run record, "config" {key: value}
+    from the config records, "summary" {key: value} from the summary records, "history": list
+    of {key: value} (values decoded from JSON)."""
+    info: dict = {"config": {}, "history": [], "summary": {}}
     for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             info.update(
+                id=r.run.run_id,
                 group=r.run.run_group,
                 job_type=r.run.job_type,
                 tags=set(r.run.tags),
                 name=r.run.display_name,
+            )
+        elif kind == "summary":
+            info["summary"].update(
+                {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in r.summary.update
+                }
             )
         elif kind == "config":
             info["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
@@ -97,9 +108,73 @@ def offline_fit(tmp_path_factory):
         env=offline_env(work),
     )
     run_dir = work / "runs" / "quickstart" / "version_0"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    test = run_cli(["test", *args, "--ckpt_path", str(ckpt)], cwd=work, env=offline_env(work))
+    # the test command printed at the end of fit, as a user would copy it
+    command = next(line for line in fit.stderr.splitlines() if line.strip().startswith("test it"))
+    test_args = shlex.split(command.split("test it", 1)[1])
+    assert test_args[:2] == ["seglight", "test"], command
+    test = run_cli(test_args[1:], cwd=work, env=offline_env(work))
     return run_dir, fit, test
+
+
+def test_fit_ends_with_a_summary(offline_fit):
+    run_dir, fit, test = offline_fit
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = metrics["best_val"]
+    lines = fit.stderr[fit.stderr.index("seglight: fit finished") :].splitlines()
+    assert lines[0].startswith("seglight: fit finished (2 epochs, 4 steps)")
+    assert lines[1].split() == [
+        "best",
+        "val/mIoU",
+        f"{best['mIoU']:.4f}",
+        "at",
+        "epoch",
+        str(best["epoch"]),
+    ]
+    ckpt = lines[2].split()[1]
+    assert lines[2].split()[0] == "checkpoint" and Path(work_path(run_dir, ckpt)).is_file()
+    assert f"epoch{best['epoch']:03d}" in ckpt  # the best checkpoint, not last.ckpt
+    assert lines[3].split()[:3] == ["run", "directory", "runs/quickstart/version_0"]
+    assert lines[4].split()[-2:] == ["--ckpt_path", ckpt]
+    # the command works (the fixture ran it) and scores that checkpoint
+    assert f"Loaded model weights from the checkpoint at {ckpt}" in test.stdout + test.stderr
+
+
+def work_path(run_dir: Path, relative: str) -> Path:
+    return run_dir.parents[2] / relative  # paths are printed relative to the working directory
+
+
+def test_logged_config_has_each_option_once_and_no_display_settings(offline_fit):
+    run_dir, _, _ = offline_fit
+    info = run_info(wandb_records(offline_run_dirs(run_dir)[0]))
+    config = info["config"]
+    assert info["name"] == "quickstart/version_0"
+    # Lightning's own hparams logging would add `lr`, `encoder`, ... beside model.lr, model.encoder
+    assert "lr" not in config and "encoder" not in config and config["model.lr"] == 0.01
+    assert config["data.num_classes"] == len(CLASSES)
+    shown = [
+        k
+        for k in config
+        if "ProgressBar" in k or "ModelSummary." in k or k.startswith("trainer.logger")
+    ]
+    assert not shown, shown
+    assert "trainer.default_root_dir" not in config
+    assert len(config) < 100, len(config)  # 183 before (plus W&B's own `_wandb`)
+
+
+def test_test_logs_into_the_training_run(offline_fit):
+    """W&B's runs table shows a run's train and test mIoU side by side: the test resumes the
+    training's run by id (offline: `wandb sync` uploads both parts into that one run)."""
+    run_dir, _, _ = offline_fit
+    fit_part, test_part = (run_info(wandb_records(r)) for r in offline_run_dirs(run_dir))
+    assert fit_part["id"] and test_part["id"] == fit_part["id"]
+    assert "best/val/mIoU" in fit_part["summary"] and "val/mIoU" in fit_part["summary"]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert test_part["summary"]["test/mIoU"] == pytest.approx(summary["test"]["mIoU"], abs=1e-6)
+    assert test_part["summary"]["test/ckpt_path"].endswith(".ckpt")
+    assert test_part["config"] == {}, "the test does not overwrite the training's config"
+    # the training's config.yaml is kept; the test's lies beside it
+    assert "verbose" not in yaml.safe_load((run_dir / "config.yaml").read_text())  # test's option
+    assert (run_dir / "config_test.yaml").is_file()
 
 
 def test_config_group_job_type_and_tags(offline_fit):
@@ -114,7 +189,6 @@ def test_config_group_job_type_and_tags(offline_fit):
     assert config["model.loss"] == "{ce: 1.0, dice: 0.5}"
     assert config["data.image_size"] == [32, 32] and config["trainer.max_steps"] == 4
     assert config["trainer.callbacks.ModelCheckpoint.monitor"] == "val/mIoU"
-    assert config["trainer.logger.group"] == "ablation1"
     if git_revision():
         assert config["git.commit"] == git_revision()["commit"]
 
@@ -158,7 +232,7 @@ def test_per_class_table_after_test(offline_fit):
     run_dir, _, test = offline_fit
     assert "test per-class IoU" in test.stdout
     runs = offline_run_dirs(run_dir)
-    assert len(runs) == 2, "the test logged a second W&B run in the same run directory"
+    assert len(runs) == 2, "the test logged a second part of the W&B run in the run directory"
     tables = _tables(runs[1], "test/per_class")
     assert len(tables) == 1
     summary = json.loads((run_dir / "metrics.json").read_text())

@@ -36,22 +36,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from seglight.config import flatten_config
+from seglight.config import flatten_config, is_compared
 from seglight.errors import ConfigError, DataError
 from seglight.plots import figure, save
 
 SOURCES = ("test", "best_val", "val")
-#: config keys that differ between any two runs without saying anything about them
-NOISE_KEYS = (
-    "trainer.default_root_dir",
-    "ckpt_path",
-    "config",
-    "trainer.logger.name",
-    "trainer.logger.version",
-    "trainer.logger.id",
-    "trainer.logger.save_dir",
-    "trainer.logger.dir",
-)
 SWEEP_FILE = "sweep.json"  # written into each run directory by `seglight sweep`
 
 
@@ -181,11 +170,12 @@ def _frozen(value: Any) -> str:
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose value is not the same in every run (a missing key counts as a value),
-    in the order they first appear, without the NOISE_KEYS."""
+    in the order they first appear, without those that cannot matter (config.is_compared: run
+    directory, logger, display settings)."""
     keys = list(dict.fromkeys(k for run in runs for k in run.config))
     out = []
     for key in keys:
-        if key in NOISE_KEYS:
+        if not is_compared(key):
             continue
         values = {_frozen(run.config.get(key, "<unset>")) for run in runs}
         if len(values) > 1:

@@ -29,7 +29,13 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 import seglight.data  # noqa: F401  (registers the datasets)
 import seglight.methods  # noqa: F401  (registers the training methods)
 import seglight.models  # noqa: F401  (registers the architectures)
-from seglight.config import check_class_names, experiment_name, flatten_config, with_defaults
+from seglight.config import (
+    check_class_names,
+    experiment_name,
+    flatten_config,
+    logged_config,
+    with_defaults,
+)
 from seglight.data.base import DATASETS, SegmentationDataModule
 from seglight.errors import ConfigError
 from seglight.models.base import MODELS, SegmentationModel
@@ -44,13 +50,17 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        flat = flatten_config(config)
+        flat = logged_config(flatten_config(config))
+        if trainer.datamodule is not None:  # linked into the model, not an option of its own
+            flat["data.num_classes"] = trainer.datamodule.num_classes
         flat.update({f"git.{k}": v for k, v in git_revision().items()})
         tags = [type(pl_module).__name__]
         if trainer.datamodule is not None:
             tags.append(type(trainer.datamodule).__name__)
         for logger in trainer.loggers:
-            logger.log_hyperparams(flat)
+            # an evaluation resumed into the training run keeps the training's config
+            if stage == "fit" or not getattr(logger, "resumed", False):
+                logger.log_hyperparams(flat)
             if hasattr(logger, "add_tags"):
                 logger.add_tags(tags)
 
@@ -153,9 +163,14 @@ class SeglightCLI(LightningCLI):
     """LightningCLI for SegmentationModel x SegmentationDataModule (see the module docstring)."""
 
     def __init__(
-        self, args: list[str] | None = None, experiment: str | None = None, **kwargs: Any
+        self,
+        args: list[str] | None = None,
+        experiment: str | None = None,
+        command: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         self.experiment = experiment
+        self.command = command or args or []  # as typed (for the command printed after fit)
         kwargs.setdefault("save_config_callback", LoggerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(
@@ -178,6 +193,8 @@ class SeglightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("num_classes", "class_names", "ignore_index", "in_channels"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+        if "verbose" in parser.get_defaults():  # validate/test: our per-class table says it all
+            parser.set_defaults(verbose=False)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -188,6 +205,9 @@ class SeglightCLI(LightningCLI):
                 config.model.init_args.get("num_classes") if config.get("model") else None
             )
             self._setup_run_dir(config, subcommand)
+            # an evaluation of a run writes config_test.yaml beside it, never over the fit's
+            filename = "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml"
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": filename}
 
     def _setup_run_dir(self, config, subcommand: str) -> None:
         name = self.experiment or str(config.model.class_path).rsplit(".", 1)[-1].lower()
@@ -232,6 +252,9 @@ class SeglightCLI(LightningCLI):
                     for c in config.trainer.callbacks
                     if not str(c.get("class_path", "")).endswith(suffix)
                 ]
+        # Lightning would also log the model's hyper-parameters, under short names (`lr` beside
+        # `model.lr`): LoggerSaveConfigCallback logs the whole config once
+        config.trainer.enable_autolog_hparams = False
         accelerator = str(config.trainer.get("accelerator") or "auto")
         on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         if config.trainer.get("sync_batchnorm") and not on_gpu:
@@ -263,30 +286,140 @@ class SeglightCLI(LightningCLI):
                 f"{type(data).__name__} has {data.num_classes} classes. num_classes is taken from the "
                 "data; remove it from the model's options"
             )
+        self._check_data()
         run_dir = self.trainer.default_root_dir
-        from seglight.loggers import WandbLogger
+        from seglight.loggers import WandbLogger, wandb_run_id
 
+        previous = wandb_run_id(run_dir)  # the W&B run of the fit that made this run directory
+        name = "/".join(Path(run_dir).parts[-2:])
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.use_dir(run_dir)
+                if previous:
+                    logger.resume_run(previous)
+                else:
+                    ckpt = self.config[self.subcommand].get("ckpt_path")
+                    evaluated = f" of {ckpt}" if ckpt and self.subcommand != "fit" else ""
+                    job_type = JOB_TYPES.get(self.subcommand, self.subcommand)
+                    run_name = name if self.subcommand == "fit" else f"{name} {job_type}{evaluated}"
+                    logger.name_run(run_name, job_type)
         print(
             f"seglight: run directory {run_dir} ({type(model).__name__} on {type(data).__name__})",
             file=sys.stderr,
         )
 
+    def _check_data(self) -> None:
+        """Find the data (and verify its masks) now, before the run directory gets files and
+        the W&B run starts: a failed start leaves neither (Lightning repeats these calls later;
+        the datasets are built once). Rank zero checks before launching the other ranks."""
+        if os.environ.get("LOCAL_RANK") not in (None, "0"):
+            return
+        self.datamodule.prepare_data()
+        self.datamodule.setup(self.subcommand)  # the stages are named as the subcommands
+
+    def after_fit(self) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        score = getattr(checkpoint, "best_model_score", None)
+        if score is not None:  # the best beside the last validation in W&B's runs table
+            self._log_evaluation("best", {f"best/{checkpoint.monitor}": float(score)})
+        if self.trainer.is_global_zero:
+            print(fit_summary(self.trainer, self.command), file=sys.stderr)
+
+    def after_test(self) -> None:
+        self._log_evaluation("test")
+
+    def after_predict(self) -> None:
+        from seglight.callbacks import PredictionWriter
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter):
+                self._log_evaluation("predict", callback.last_written)
+
+    def _log_evaluation(self, stage: str, values: dict[str, Any] | None = None) -> None:
+        """Put an evaluation's metrics into the W&B run's summary (the runs table's columns),
+        beside the training's val/mIoU when the run was resumed."""
+        from seglight.callbacks import _wandb_active
+
+        values = dict(values or {})
+        values.update(
+            (k, float(v))
+            for k, v in self.trainer.callback_metrics.items()
+            if k.startswith(f"{stage}/") and v.numel() == 1
+        )
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt and self.subcommand != "fit":
+            values[f"{stage}/ckpt_path"] = str(ckpt)
+        for logger in self.trainer.loggers:
+            if _wandb_active(logger) and self.trainer.is_global_zero:
+                logger.experiment.summary.update(values)
+
+
+#: W&B job type of each subcommand
+JOB_TYPES = {"fit": "train", "validate": "validate", "test": "test", "predict": "predict"}
+
+
+def test_command(command: list[str], ckpt: str) -> str:
+    """`seglight test` with the options of the `fit` command `command` and `--ckpt_path ckpt`."""
+    import shlex
+
+    args, skip = [], False
+    for arg in command[1:]:
+        if skip or arg.startswith("--ckpt_path="):
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        args.append(arg)
+    return shlex.join(["seglight", "test", *args, "--ckpt_path", ckpt])
+
+
+def fit_summary(trainer, command: list[str]) -> str:
+    """The lines printed at the end of `fit`: best val/mIoU and its epoch, the best checkpoint,
+    the run directory, and the command that tests it (`command`: the fit's, as typed)."""
+    from seglight.callbacks import _read_summary
+
+    run_dir = Path(trainer.default_root_dir)
+    checkpoint = trainer.checkpoint_callback
+    best_path = getattr(checkpoint, "best_model_path", "") or ""
+    score = getattr(checkpoint, "best_model_score", None)
+    monitor = getattr(checkpoint, "monitor", None) or "val/mIoU"
+    lines = [
+        f"seglight: fit finished ({trainer.current_epoch} epochs, {trainer.global_step} steps)"
+    ]
+    best_val = _read_summary(trainer).get("best_val") or {}
+    if score is not None:
+        epoch = best_val.get("epoch") if monitor == "val/mIoU" else None
+        at = f" at epoch {epoch}" if epoch is not None else ""
+        lines.append(f"  best {monitor}  {float(score):.4f}{at}")
+    else:
+        lines.append(f"  best {monitor}  - (no validation ran)")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = best_path or (str(last) if last.is_file() else "")
+    if ckpt:
+        lines.append(f"  checkpoint     {ckpt}")
+    lines.append(f"  run directory  {run_dir}  (config.yaml, metrics.json, checkpoints/)")
+    if ckpt:
+        lines.append(f"  test it        {test_command(command, ckpt)}")
+    return "\n".join(lines)
+
 
 def run(argv: list[str]) -> SeglightCLI:
     """Run LightningCLI on `argv` (a subcommand and its options); raises SeglightError on bad
     input."""
+    from seglight.utils import silence_known_noise
+
+    silence_known_noise()
     check_class_names(argv)
-    argv = with_defaults(argv)
+    command, argv = argv, with_defaults(argv)
     _CREATED_RUN_DIRS.clear()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-            return SeglightCLI(args=argv, experiment=experiment_name(argv))
+            return SeglightCLI(args=argv, experiment=experiment_name(argv), command=command)
     except BaseException:
         for run_dir in _CREATED_RUN_DIRS:  # leave no empty version_N behind a failed start
-            if run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            for folder in (run_dir, run_dir.parent):  # nor an empty runs/<experiment>
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         raise
