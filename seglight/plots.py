@@ -48,12 +48,22 @@ def plot_confusion(
     uint8 [H, W, 3]; also written to `path` (PNG) when given."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    fig = confusion_figure(confmat, class_names, title)
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        save(fig, path)
+    return image
+
+
+def confusion_figure(confmat: ArrayLike, class_names: Sequence[str], title: str = ""):
+    """The Figure of `plot_confusion`: confmat [C, C] (rows: target, columns: prediction)."""
     m = np.asarray(confmat, dtype=np.float64)
     rows = m / np.maximum(m.sum(1, keepdims=True), 1)
     c = len(class_names)
     size = max(4.0, 0.42 * c + 2.0)
     fig = figure(size + 1.0, size)
-    FigureCanvasAgg(fig)
     ax = fig.subplots()
     shown = ax.imshow(rows, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
@@ -70,8 +80,4 @@ def plot_confusion(
                     colour = "white" if rows[i, j] > 0.5 else "black"
                     ax.text(j, i, f"{100 * rows[i, j]:.0f}", ha="center", va="center",
                             fontsize=7, color=colour)  # fmt: skip
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        save(fig, path)
-    return image
+    return fig

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, run_cli
 
 from seglight.cli import run
-from seglight.commands.export import export_model, load_checkpoint, symbolic_axes
+from seglight.commands.export import check_sizes, export_model, load_checkpoint, symbolic_axes
 from seglight.errors import ConfigError
 from seglight.models import GCN, MODELS, UNet
 
@@ -191,3 +191,19 @@ def test_every_architecture_exports(name, fmt, tmp_path):
             f"{name} onnx: output differs at {OTHER[2:]} by {error:.3g} (relative) {fixed}"
         )
     assert error < 1e-4, f"{name} {fmt}: output differs by {error} (relative)"
+
+
+def test_export_command_says_which_sizes_the_graph_serves(tmp_path):
+    """The original U-Net crops its skips by the input size: its graph is only right at sizes
+    that are multiples of 16, and the command says so instead of "dynamic B, H, W"."""
+    args = ["--option", "base_channels=4", "--num-classes", "3", "--size", "64x96"]
+    proc = run_cli(["export", "--model", "UNet", *args, str(tmp_path / "u.onnx")], REPO)
+    assert "dynamic B and H, W multiples of 16 (checked at 2x3x80x128" in proc.stdout
+    assert "wrong or refused at 2x3x77x117" in proc.stdout
+    assert "dynamic B, H, W" not in proc.stdout
+    assert "Non concat axis" not in proc.stderr  # ONNX Runtime's log of the refused size
+    model = UNet(num_classes=3, encoder="resnet18")
+    export_model(model, tmp_path / "r.pt2", "torch", (1, 3, 64, 96))
+    assert check_sizes(model, tmp_path / "r.pt2", "torch", (1, 3, 64, 96)) == (
+        "dynamic B, H, W (checked at 2x3x77x117)"
+    )

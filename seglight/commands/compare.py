@@ -206,17 +206,28 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def settings(run: Run, keys: Sequence[str], short: dict[str, str]) -> str:
+    """`key=value` of the given config keys, two spaces apart, without spaces inside a value
+    (so that a wrapped table cell or a legend breaks between settings, not inside one)."""
+    return "  ".join(
+        f"{short[k]}={format_value(run.config.get(k)).replace(', ', ',').replace(': ', ':')}"
+        for k in keys
+    )
+
+
+#: a legend entry names the run (as the table does) and, up to this many characters, its settings
+LEGEND_SETTINGS_CHARS = 40
+
+
 def labels(runs: Sequence[Run]) -> list[str]:
-    """A legend label per run: its differing config values, else its name."""
+    """A legend label per run: its name, as in the table's first column, followed by the config
+    values that differ between the runs when they are short enough for every run."""
     keys = differing_keys(runs)
     short = short_names(keys)
-    out = []
-    for run in runs:
-        parts = [f"{short[k]}={format_value(run.config.get(k))}" for k in keys]
-        out.append(", ".join(parts) if parts else run.name)
-    if len(set(out)) < len(out):  # e.g. identical configs: the names tell them apart
-        out = [f"{label} ({run.name})" for label, run in zip(out, runs, strict=True)]
-    return out
+    values = [settings(run, keys, short) for run in runs]
+    if keys and max(map(len, values)) <= LEGEND_SETTINGS_CHARS:
+        return [f"{run.name}: {v}" for run, v in zip(runs, values, strict=True)]
+    return [run.name for run in runs]
 
 
 def _percent(value: Any) -> str:
@@ -260,15 +271,44 @@ def table_rows(
     return columns, rows
 
 
-def compare_table(runs: Sequence[Run], source: str = "auto", keys: Sequence[str] | None = None):
-    """The comparison as a rich Table (print it with rich.print or a Console)."""
+#: the terminal width the table is laid out for, at least (wider terminals get their width)
+TABLE_WIDTH = 120
+
+
+def compare_table(
+    runs: Sequence[Run],
+    source: str = "auto",
+    keys: Sequence[str] | None = None,
+    width: int = TABLE_WIDTH,
+):
+    """The comparison as a rich Table (print it with rich.print or a Console) fitting `width`
+    columns: one column per differing config key when they fit, else the keys gathered in one
+    "settings" column whose cell wraps between `key=value` pairs. Run names and numbers are
+    never cut."""
     from rich.table import Table
 
     source = choose_source(runs, source)
+    keys = differing_keys(runs) if keys is None else list(keys)
     columns, rows = table_rows(runs, source, keys)
+    n_keys = len(keys)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    if sum(widths) + 3 * len(widths) + 1 > width and n_keys:  # too wide: one settings column
+        short = short_names(keys)
+        columns = [columns[0], *columns[1 + n_keys :], "settings"]
+        rows = [
+            [row[0], *row[1 + n_keys :], settings(run, keys, short)]
+            for row, run in zip(rows, runs, strict=True)
+        ]
     table = Table(title=f"{len(runs)} runs (metrics: {source})")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        wraps = column == "settings"
+        table.add_column(
+            column,
+            justify="left" if i == 0 or wraps else "right",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            ratio=1 if wraps else None,
+        )
     for row in rows:
         table.add_row(*row)
     return table
@@ -277,7 +317,8 @@ def compare_table(runs: Sequence[Run], source: str = "auto", keys: Sequence[str]
 def print_table(runs: Sequence[Run], source: str = "auto") -> None:
     from rich.console import Console
 
-    Console(width=max(120, Console().width)).print(compare_table(runs, source))
+    width = max(TABLE_WIDTH, Console().width)
+    Console(width=width).print(compare_table(runs, source, width=width))
 
 
 def write_csv(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
@@ -324,35 +365,54 @@ def write_markdown(runs: Sequence[Run], path: str | Path, source: str = "auto") 
 
 
 # ----------------------------------------------------------------------------- plots
-def plot_per_class(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
-    """Grouped bars of per-class IoU (%), one bar per run for each class, and mIoU last."""
+def _legend_below(fig, ax, n: int) -> None:
+    """The legend under the plot, in as many columns as fit, so that it never squeezes the axes
+    nor runs off the figure (constrained layout makes room for it)."""
+    if not ax.get_legend_handles_labels()[0]:
+        return
+    longest = max(len(t) for t in ax.get_legend_handles_labels()[1])
+    # ~0.075 inch per character at the small font, plus the marker
+    per_column = 0.075 * longest + 0.6
+    ncols = max(1, min(n, int(fig.get_figwidth() // per_column)))
+    fig.legend(loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+
+
+def per_class_figure(runs: Sequence[Run], source: str = "auto"):
+    """The Figure of `plot_per_class`."""
     source = choose_source(runs, source)
     classes = list(dict.fromkeys(c for run in runs for c in run.per_class(source)))
     groups = [*classes, "mIoU"]
     n = max(1, len(runs))
     width = 0.8 / n
-    fig = figure(max(6.0, 0.35 * len(groups) * n + 2), 4.5)
+    # wide enough for the bars and the class names, at most a screen's width
+    fig = figure(min(16.0, max(7.0, (0.08 * n + 0.25) * len(groups) + 2)), 5.0)
     ax = fig.subplots()
     x = np.arange(len(groups))
     for i, (run, label) in enumerate(zip(runs, labels(runs), strict=True)):
         values = [run.per_class(source).get(c) for c in classes] + [run.scores(source).get("mIoU")]
         heights = [np.nan if v is None else 100 * v for v in values]
         ax.bar(x - 0.4 + width * (i + 0.5), heights, width, label=label)
-    ax.set_xticks(x, groups, rotation=45, ha="right")
+    ax.set_xticks(x, groups, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(f"IoU % ({source})")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Per-class IoU")
-    return save(fig, path)
+    _legend_below(fig, ax, n)
+    return fig
 
 
-def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> Path:
-    """val/<metric> (%) against the training step, one line per run (from metrics.json's
-    history; a run without one is drawn as its last validation's point)."""
+def plot_per_class(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
+    """Grouped bars of per-class IoU (%), one bar per run for each class, and mIoU last; the
+    legend below names the runs as the table does."""
+    return save(per_class_figure(runs, source), path)
+
+
+def curves_figure(runs: Sequence[Run], metric: str = "mIoU"):
+    """The Figure of `plot_curves`."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = figure(7.0, 4.5)
+    fig = figure(8.0, 5.0)
     ax = fig.subplots()
     for run, label in zip(runs, labels(runs), strict=True):
         points = [(h.get("step"), h.get(metric)) for h in run.history]
@@ -366,10 +426,15 @@ def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> 
     ax.set_xlabel("training step")
     ax.set_ylabel(f"val/{metric} %")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"val/{metric} during training")
-    return save(fig, path)
+    _legend_below(fig, ax, len(runs))
+    return fig
+
+
+def plot_curves(runs: Sequence[Run], path: str | Path, metric: str = "mIoU") -> Path:
+    """val/<metric> (%) against the training step, one line per run (from metrics.json's
+    history; a run without one is drawn as its last validation's point)."""
+    return save(curves_figure(runs, metric), path)
 
 
 # ----------------------------------------------------------------------------- everything

@@ -136,6 +136,66 @@ def export_model(
     return path
 
 
+def _run_exported(path: Path, fmt: Format, x: torch.Tensor) -> torch.Tensor:
+    """The exported graph's output for `x` (ONNX through ONNX Runtime)."""
+    if fmt == "torch":
+        with torch.no_grad():
+            return torch.export.load(path).module()(x)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # a refused size is an answer here, not an error to print
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _agrees(model: nn.Module, path: Path, fmt: Format, size: Sequence[int]) -> bool:
+    """Whether the exported graph runs at `size` and gives the model's logits there (relative
+    to their scale: untrained logits can be large)."""
+    net = LogitsOnly(getattr(model, "net", model)).eval()
+    x = torch.randn(*size, device=next(net.parameters()).device).cpu()
+    try:
+        out = _run_exported(path, fmt, x)
+    except Exception:  # noqa: BLE001 - a guard or a shape error: the graph refuses this size
+        return False
+    with torch.no_grad():
+        expected = net.to("cpu")(x)
+    if out.shape != expected.shape:
+        return False
+    return float((out - expected).abs().max() / max(1.0, float(expected.abs().max()))) < 1e-4
+
+
+def check_sizes(model: nn.Module, path: str | Path, fmt: Format, input_size: Sequence[int]) -> str:
+    """Which inputs the exported graph at `path` serves, checked by running it: at a second,
+    odd size (another batch, height and width) against the model's own output, and when that
+    fails, at sizes rounded up to multiples of 8, 16, 32 or 64. Torch's ONNX exporter drops
+    torch.export's shape guards, so an ONNX graph that froze a size-dependent branch runs at
+    other sizes but computes something else: only running it tells.
+
+    Returns a description, e.g. "dynamic B, H, W (checked at 2x3x77x101)"."""
+    path = Path(path)
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "sizes other than the example's not checked (pip install onnxruntime)"
+    b, c, h, w = input_size
+    odd = (b + 1, c, h // 2 * 2 + 13, w // 2 * 2 + 21)  # odd height and width, larger
+    shown = "x".join(map(str, odd))
+    if _agrees(model, path, fmt, odd):
+        return f"dynamic B, H, W (checked at {shown})"
+    for multiple in (8, 16, 32, 64):
+        size = (odd[0], c, -(-odd[2] // multiple) * multiple, -(-odd[3] // multiple) * multiple)
+        if _agrees(model, path, fmt, size):
+            return (
+                f"dynamic B and H, W multiples of {multiple} (checked at "
+                f"{'x'.join(map(str, size))}; wrong or refused at {shown})"
+            )
+    if _agrees(model, path, fmt, (odd[0], c, h, w)):
+        return f"dynamic B, fixed H x W = {h} x {w} (other sizes wrong or refused, e.g. {shown})"
+    return f"fixed input {b}x{c}x{h}x{w} (other sizes wrong or refused, e.g. {shown})"
+
+
 def load_checkpoint(path: str | Path, model: str | None = None) -> nn.Module:
     """A SegmentationModel from a Lightning checkpoint written by seglight.
 
@@ -221,9 +281,10 @@ def main(argv: list[str]) -> None:
     fmt = args.format or ("torch" if args.out.suffix in (".pt2", ".pt") else "onnx")
     size = (args.batch, getattr(model, "in_channels", args.in_channels), *args.size)
     path = export_model(model, args.out, fmt, size, opset=args.opset, dynamic=not args.static)
+    shapes = f"fixed input {'x'.join(map(str, size))}" if args.static else None
     print(
         f"exported {type(model).__name__} ({count_parameters(model) / 1e6:.2f}M parameters) to "
         f"{path} ({fmt}; input image [B, {size[1]}, H, W] float32, output logits "
-        f"[B, {getattr(model, 'num_classes', '?')}, H, W]"
-        f"{'' if args.static else ', dynamic B, H, W'})"
+        f"[B, {getattr(model, 'num_classes', '?')}, H, W]; "
+        f"{shapes or check_sizes(model, path, fmt, size)})"
     )

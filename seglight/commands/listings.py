@@ -1,15 +1,16 @@
 """`seglight models` and `seglight datasets`: what is registered, with its options' sources
-(parameter counts beside the papers', each dataset's classes, root and on-disk layout)."""
+(parameter counts beside the papers', each dataset's classes, root and on-disk layout).
+
+Each command imports only its own registry: `datasets` does not load the model zoo (timm and
+every architecture), `models` does not load the datasets.
+"""
 
 from __future__ import annotations
 
 import inspect
 import sys
 
-import seglight.methods  # noqa: F401  (the training methods are listed with the models)
-from seglight.data import DATASETS
 from seglight.errors import ConfigError
-from seglight.models import MODELS
 from seglight.utils import first_doc_line
 
 
@@ -19,6 +20,8 @@ def cmd_models(argv: list[str]) -> None:
     markdown table: `python -m seglight models [NAME ...] [--flops] [--size HxW] [--markdown]`."""
     import argparse
 
+    import seglight.methods  # noqa: F401  (the training methods are listed with the models)
+    from seglight.models import MODELS
     from seglight.profile import model_cost, parse_size
 
     parser = argparse.ArgumentParser(prog="seglight models", description=cmd_models.__doc__)
@@ -110,6 +113,8 @@ def cmd_datasets(argv: list[str]) -> None:
     """List every dataset (or those named in argv) with its classes and where it expects its
     files: `python -m seglight datasets [NAME ...]`."""
     from rich.console import Console
+
+    from seglight.data import DATASETS
 
     unknown = [n for n in argv if n not in DATASETS]
     if unknown:
