@@ -103,7 +103,8 @@ def silence_known_noise() -> None:
     """Silence messages of the libraries that say nothing about the user's run (each one by its
     text, nothing else): Lightning's litlogger tip and two notes on its internals, and the
     deprecation warning torch raises inside Lightning's own pytree helper (Lightning's code, not
-    the user's, uses the deprecated LeafSpec). Idempotent."""
+    the user's, uses the deprecated LeafSpec), and tqdm's complaint in Jupyter without ipywidgets
+    when timm's hub helper imports tqdm.auto (seglight shows no tqdm bars). Idempotent."""
     import logging
     import warnings
 
@@ -112,3 +113,4 @@ def silence_known_noise() -> None:
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(_LIGHTNING_NOISE))
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="IProgress not found. Please update jupyter")

@@ -118,7 +118,7 @@ def test_predict_writes_palette_masks(trained):
     work, root, _ = trained
     ckpt = work / "runs" / "unet" / "version_0" / "checkpoints" / "last.ckpt"
     out_dir = work / "pred"
-    run_cli(
+    proc = run_cli(
         [
             "predict",
             *tiny(root, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out_dir)),
@@ -126,6 +126,11 @@ def test_predict_writes_palette_masks(trained):
         cwd=work,
     )
     written = sorted((out_dir / "predictions").glob("*.png"))
+    n = len(list((root / "test").iterdir()))
+    # it says where and how many, and in which format
+    assert f"wrote {n} masks to {out_dir / 'predictions'}/ (palette PNG" in proc.stdout
+    assert f"wrote {n} overlays to {out_dir / 'predictions' / 'overlays'}/ (JPEG" in proc.stdout
+    assert len(list((out_dir / "predictions" / "overlays").glob("*.jpg"))) == n
     assert [p.stem for p in written] == sorted(p.stem for p in (root / "test").iterdir())
     with Image.open(written[0]) as im:
         assert im.mode == "P" and im.size == (32, 24)

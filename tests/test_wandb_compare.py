@@ -5,6 +5,7 @@ image at the end of validation and test."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import struct
 from pathlib import Path
@@ -122,19 +123,17 @@ def test_fit_ends_with_a_summary(offline_fit):
     best = metrics["best_val"]
     lines = fit.stderr[fit.stderr.index("seglight: fit finished") :].splitlines()
     assert lines[0].startswith("seglight: fit finished (2 epochs, 4 steps)")
-    assert lines[1].split() == [
-        "best",
-        "val/mIoU",
-        f"{best['mIoU']:.4f}",
-        "at",
-        "epoch",
-        str(best["epoch"]),
-    ]
-    ckpt = lines[2].split()[1]
-    assert lines[2].split()[0] == "checkpoint" and Path(work_path(run_dir, ckpt)).is_file()
+    field = dict(re.fullmatch(r"  (\S.*?)  +(\S.*)", line).groups() for line in lines[1:6])
+    assert field["best val/mIoU"] == f"{best['mIoU']:.4f} at epoch {best['epoch']}"
+    ckpt = field["checkpoint"]
+    assert (work_path(run_dir, ckpt)).is_file()
     assert f"epoch{best['epoch']:03d}" in ckpt  # the best checkpoint, not last.ckpt
-    assert lines[3].split()[:3] == ["run", "directory", "runs/quickstart/version_0"]
-    assert lines[4].split()[-2:] == ["--ckpt_path", ckpt]
+    assert field["run directory"].startswith("runs/quickstart/version_0 ")
+    offline = offline_run_dirs(run_dir)[0]
+    assert field["W&B run"].startswith("offline; upload with `wandb sync ")
+    assert field["W&B run"].endswith(f"{offline.name}`")
+    assert field["test it"].startswith("seglight test --config ")
+    assert field["test it"].endswith(f"--ckpt_path {ckpt}")
     # the command works (the fixture ran it) and scores that checkpoint
     assert f"Loaded model weights from the checkpoint at {ckpt}" in test.stdout + test.stderr
 
@@ -240,4 +239,9 @@ def test_per_class_table_after_test(offline_fit):
         expected = summary["test"][f"IoU/{name}"]
         assert iou == pytest.approx(expected, abs=1e-6) if expected is not None else iou is None
     assert (run_dir / "confusion_test.png").is_file()
+    # the title says which checkpoint (its epoch) and its score, not "step 0"
+    best = summary["best_val"]["epoch"]  # the fixture tests the best checkpoint
+    title = f"UNet test, epoch {best}: mIoU {100 * summary['test']['mIoU']:.1f}%"
+    rows = run_info(wandb_records(runs[1]))["history"]
+    assert any(title in json.dumps(row) for row in rows), [r for r in rows if "confusion" in str(r)]
     assert list((runs[1] / "files" / "media" / "images" / "test").glob("confusion_matrix_*.png"))

@@ -264,6 +264,9 @@ def run_sweep(
 
     Returns the runs with their run directories and outcomes.
     """
+    from seglight.utils import silence_known_noise
+
+    silence_known_noise()  # before the in-process runs import timm (and tqdm.auto)
     args = list(args)
     group = group or default_group(args, experiment)
     runs = plan(args, variants)

@@ -374,6 +374,18 @@ def test_command(command: list[str], ckpt: str) -> str:
     return shlex.join(["seglight", "test", *args, "--ckpt_path", ckpt])
 
 
+def _wandb_line(logger: Any) -> str | None:
+    """Where a W&B logger's run is: its page, or the command that uploads an offline run."""
+    from seglight.callbacks import _wandb_active
+
+    if not _wandb_active(logger):
+        return None
+    run = logger.experiment
+    if getattr(run, "offline", False):
+        return f"offline; upload with `wandb sync {Path(run.dir).parent}`"
+    return getattr(run, "url", None)
+
+
 def fit_summary(trainer, command: list[str]) -> str:
     """The lines printed at the end of `fit`: best val/mIoU and its epoch, the best checkpoint,
     the run directory, and the command that tests it (`command`: the fit's, as typed)."""
@@ -384,8 +396,10 @@ def fit_summary(trainer, command: list[str]) -> str:
     best_path = getattr(checkpoint, "best_model_path", "") or ""
     score = getattr(checkpoint, "best_model_score", None)
     monitor = getattr(checkpoint, "monitor", None) or "val/mIoU"
+    epochs = trainer.current_epoch
     lines = [
-        f"seglight: fit finished ({trainer.current_epoch} epochs, {trainer.global_step} steps)"
+        f"seglight: fit finished ({epochs} epoch{'' if epochs == 1 else 's'}, "
+        f"{trainer.global_step} steps)"
     ]
     best_val = _read_summary(trainer).get("best_val") or {}
     if score is not None:
@@ -399,6 +413,10 @@ def fit_summary(trainer, command: list[str]) -> str:
     if ckpt:
         lines.append(f"  checkpoint     {ckpt}")
     lines.append(f"  run directory  {run_dir}  (config.yaml, metrics.json, checkpoints/)")
+    for logger in trainer.loggers:
+        line = _wandb_line(logger)
+        if line:
+            lines.append(f"  W&B run        {line}")
     if ckpt:
         lines.append(f"  test it        {test_command(command, ckpt)}")
     return "\n".join(lines)
