@@ -36,6 +36,7 @@ from seglight.data.transforms import (
     TrainTransform,
 )
 from seglight.errors import DataError
+from seglight.threads import default_workers
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
@@ -305,7 +306,8 @@ class SegmentationDataModule(L.LightningDataModule):
     Args:
         batch_size: training batch size (per device).
         val_batch_size: validation/test/predict batch size (default: batch_size).
-        num_workers: loader worker processes (default: min(4, CPU count)); 0 loads in the main process.
+        num_workers: loader worker processes (default: min(4, usable cores - 1), leaving a core to
+            the training step: seglight.threads); 0 loads in the main process.
         crop_size: training crop (H, W); null trains on full images without scaling.
         scale_range: random scale range before cropping.
         hflip: random horizontal flips in training.
@@ -364,7 +366,9 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+        # None: seglight.threads' policy (the CLI redoes it per DDP rank: workers_by_policy)
+        self.workers_by_policy = num_workers is None
+        self.num_workers = default_workers() if num_workers is None else num_workers
         self.crop_size = tuple(crop_size) if crop_size else None
         self.scale_range = tuple(scale_range)
         self.hflip = hflip
