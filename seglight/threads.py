@@ -109,6 +109,13 @@ def user_threads() -> tuple[int | None, str | None]:
     return None, None
 
 
+def _busy_machine(cores: int) -> bool:
+    try:
+        return os.getloadavg()[0] >= cores + 1
+    except (AttributeError, OSError):
+        return False
+
+
 def configure_threads(
     workers: int, ranks: int = 1, requested: int | None = None, announce: bool = True
 ) -> int:
@@ -134,6 +141,10 @@ def configure_threads(
         note = ""
         if threads + workers > share:
             note = f"; {threads} threads + {workers} workers oversubscribe the {share} core(s)"
+        elif threads > 1 and _busy_machine(cores):
+            # other programs already keep the cores busy: a descheduled OpenMP thread stalls
+            # the others, and one thread can then be faster (the policy cannot know: a hint)
+            note = "; the machine is busy (load average above its cores): try --threads 1"
         print(
             f"seglight: {threads} torch thread(s) ({why}){note}; override with --threads N "
             f"or {THREADS_ENV}/OMP_NUM_THREADS",

@@ -9,8 +9,8 @@ throughput of a dataset's DataLoader next to its GPU-resident path.
 What is compared, so that the comparison is fair:
 - every peer trains on the same batches, already on the device (no loader in the timing), with
   seglight's loss, the same optimiser (AdamW or SGD as the model's options say, weight decay on
-  weights only, fused on CUDA), per-step LR schedule, precision (autocast, plus a GradScaler for
-  16-mixed), memory format and torch.compile setting;
+  weights only, fused wherever torch has the kernel: CUDA and the CPU), per-step LR schedule,
+  precision (autocast, plus a GradScaler for 16-mixed), memory format and torch.compile setting;
 - "seglight": `Trainer.fit` of the SegmentationModel. A callback times whole loop iterations (from
   the start of a round's first batch to the start of the batch after its last), so Lightning's
   per-step work (hooks, logging, closure, batch transfer) and the base class's count. No
@@ -18,20 +18,34 @@ What is compared, so that the comparison is fair:
 - "raw loop": a second instance of the same model (same seed), trained by a plain loop:
   zero_grad, forward, `model.compute_loss`, backward, optimizer.step, scheduler.step;
 - smp / torchvision: the same plain loop on their network, seglight's loss on the main output.
-  smp builds the encoder from timm ("tu-<name>"), so encoders are identical; parameter counts are
-  shown;
+  smp builds the encoder from timm ("tu-<name>"), so encoders are identical, and gets the same
+  head width and ASPP rates; parameter and FLOP counts are printed side by side. Only matching
+  networks make a speed ratio: DeepLabV3+ against smp's needs `--model.separable true` (smp's
+  decoder is depthwise-separable after the concatenation and, with it, in ASPP; seglight's
+  default is the paper's full 3x3 convs, 40.35M parameters / 34.6 GFLOPs at 256x256 against
+  smp's 39.21M / 24.7); a pairing that is not the same network is flagged in the notes;
 - rounds are interleaved: `--steps` steps of each peer in turn, `--rounds` times, after
-  `--warmup` steps of each; a peer's figure is the median of its rounds (spread: min-max);
+  `--warmup` steps of each. A peer's figure is the median of its rounds (min-max shown); a ratio
+  is the median of the per-round ratios (seglight's round k over the peer's round k, which ran
+  beside it, so a slow spell of the machine hits both), with a distribution-free 95% confidence
+  interval of that median (order statistics): if the interval excludes 1.00 +- 0.02, the
+  difference is resolved; if not, add rounds;
 - inference: eval mode, inference_mode, the same autocast; forward and argmax of a batch
   (seglight's through predict_step), in interleaved rounds. "ms/batch" is the latency at
   `--batch-size` (use --batch-size 1 for single-image latency);
-- peak memory: the peer's persistent state (parameters, buffers, gradients, optimiser state) plus
-  the most its rounds allocated above what was allocated at their start. On CUDA that is
+- peak memory is measured in separate passes after the timed rounds (one round of each peer with
+  the meter on), never inside them: the CPU meter's allocator settings slow every peer. It is the
+  peer's persistent state (parameters, buffers, gradients, optimiser state) plus the most the
+  pass allocated above what was allocated at its start. On CUDA that is
   torch.cuda.max_memory_allocated. On the CPU it is the resident set's high-water mark (VmHWM,
-  reset before each round through /proc/self/clear_refs), with glibc set to return freed blocks
-  to the system (a fixed mmap threshold and malloc_trim), so memory one peer freed does not hide
-  the next one's; Linux only, n/a elsewhere. (ru_maxrss only grows and tracemalloc does not see
-  torch's allocations: neither can tell peers in one process apart.)
+  reset through /proc/self/clear_refs), with glibc set to return freed blocks to the system (a
+  fixed mmap threshold and malloc_trim), so memory one peer freed does not hide the next one's;
+  Linux only, n/a elsewhere. On the CPU only the training figure is compared: inference
+  allocates little beyond the weights, and what the resident set shows there is mostly what the
+  allocator kept (identical networks measured 151 vs 244 MB), so no inference memory ratio is
+  given on the CPU.
+- `--losses ce,dice,...`: forward + backward time of each loss on random logits at
+  `--loss-sizes` (e.g. 256,512,1024), batch `--batch-size`, interleaved rounds.
 
 Peers are optional: smp comes with `pip install segmentation-models-pytorch` (the `bench` extra);
 a missing one is reported and skipped.
@@ -45,6 +59,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -59,6 +74,7 @@ import yaml
 from torch import nn
 
 from seglight.errors import ConfigError
+from seglight.threads import configure_threads
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -85,11 +101,18 @@ SMP_PEERS: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
 }
-#: caveats shown with an smp peer that is not the same network
-SMP_NOTES = {
-    "PSPNet": "smp's PSPNet stops at encoder depth 3 (no dilated stages): not the same network",
-    "DeepLabV3Plus": "smp's decoder has one depthwise-separable 3x3 conv after ASPP and one after "
-    "the concatenation; seglight's has the paper's two full 3x3 convs (compare per GFLOP)",
+#: caveats shown with an smp peer that is not the same network: name -> (when, note)
+SMP_NOTES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "PSPNet": (
+        lambda hp: True,
+        "smp's PSPNet stops at encoder depth 3 (no dilated stages): not the same network",
+    ),
+    "DeepLabV3Plus": (
+        lambda hp: not hp.get("separable"),
+        "NOT the same network: smp's decoder is depthwise-separable after the concatenation; "
+        "seglight's default has the paper's two full 3x3 convs (compare per GFLOP, or pair "
+        "them fairly with --model.separable true)",
+    ),
 }
 #: seglight architecture -> torchvision segmentation models (ResNet-50, output stride 8)
 TORCHVISION_PEERS = {
@@ -226,9 +249,9 @@ def make_optimizer(
     groups: list[dict], hparams: Any, total_steps: int, device: torch.device
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimiser and per-step schedule that SegmentationModel.configure_optimizers builds."""
-    from seglight.models.base import PolyWithWarmup
+    from seglight.models.base import PolyWithWarmup, fused_option
 
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = fused_option(device)
     if hparams.get("optimizer", "adamw") == "sgd":
         optimizer = torch.optim.SGD(groups, lr=hparams.lr, momentum=hparams.momentum, **fused)
     else:
@@ -379,8 +402,9 @@ def build_peers(
         except LookupError as e:
             notes.append(f"smp peer skipped: {e}")
         else:
-            if name in SMP_NOTES:
-                notes.append(f"{label}: {SMP_NOTES[name]}")
+            when, note = SMP_NOTES.get(name, (lambda hp: False, ""))
+            if when(hp):
+                notes.append(f"{label}: {note}")
             groups = decay_groups(net, hp.weight_decay)
             peers.append(runner.plain_peer(label, net, loss, groups, hp, compile))
     if "torchvision" in wanted:
@@ -417,17 +441,22 @@ def _plus(peak: int | None, state: int) -> int | None:
     return None if peak is None else peak + state
 
 
-def _timed(
-    work: Callable[[int], Any], steps: int, device: torch.device, meter: MemoryMeter
-) -> tuple[float, int | None]:
-    """Seconds for `steps` calls of work(i), and the peak bytes above the start."""
-    meter.start()
+def _timed(work: Callable[[int], Any], steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of work(i)."""
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         work(i)
     _sync(device)
-    return time.perf_counter() - t0, meter.stop()
+    return time.perf_counter() - t0
+
+
+def _peak(work: Callable[[int], Any], steps: int, meter: MemoryMeter) -> int | None:
+    """Peak bytes above the start during `steps` calls of work(i) (a memory pass, not timed)."""
+    meter.start()
+    for i in range(steps):
+        work(i)
+    return meter.stop()
 
 
 def bench_training(
@@ -439,27 +468,38 @@ def bench_training(
     steps: int,
     warmup: int,
     cudnn_benchmark: bool = True,
+    memory: bool = True,
 ) -> Measured:
     """Interleaved training rounds of seglight (inside Trainer.fit) and its peers: at each round
     boundary a callback closes seglight's round, runs one round of every peer, and opens the next.
-    Returns seglight's rounds; the peers' are recorded in them."""
+    After the timed rounds, one memory pass of each (`memory`). Returns seglight's rounds; the
+    peers' are recorded in them."""
     import lightning as L
 
-    device, meter = runner.device, MemoryMeter(runner.device)
+    device = runner.device
+    meter = MemoryMeter(device) if memory else None
     own = Measured()
-    boundaries = {warmup + k * steps: k for k in range(rounds + 1)}
+    # round k starts at step warmup + k * steps; round `rounds` is the memory pass
+    passes = rounds + (1 if meter is not None else 0)
+    boundaries = {warmup + k * steps: k for k in range(passes + 1)}
 
     def batch(i: int) -> dict:
         return batches[i % len(batches)]
 
-    def peers_round(first: bool) -> None:
+    def peers_round(k: int) -> None:
         for peer in peers:
             assert peer.step is not None
-            if first:
+            work = lambda i, p=peer: p.step(batch(i))  # noqa: E731
+            if k == 0:
                 for i in range(warmup):
-                    peer.step(batch(i))
-            seconds, peak = _timed(lambda i, p=peer: p.step(batch(i)), steps, device, meter)
-            peer.train.add(seconds, _plus(peak, persistent_bytes(peer.module, peer.optimizer)))
+                    work(i)
+            if k < rounds:
+                peer.train.seconds.append(_timed(work, steps, device))
+            else:
+                assert meter is not None
+                peak = _peak(work, steps, meter)
+                if peak is not None:
+                    peer.train.peak.append(peak + persistent_bytes(peer.module, peer.optimizer))
 
     class Interleave(L.Callback):
         calls, t0 = 0, 0.0
@@ -469,18 +509,22 @@ def bench_training(
             self.calls += 1
             if k is None:
                 return
-            if k > 0:  # close seglight's round k - 1
-                _sync(device)
-                seconds = time.perf_counter() - self.t0
+            _sync(device)
+            if 0 < k <= rounds:  # close seglight's timed round k - 1
+                own.seconds.append(time.perf_counter() - self.t0)
+            elif k > rounds and meter is not None:  # close its memory pass
                 state = persistent_bytes(pl_module, trainer.optimizers[0])
-                own.add(seconds, _plus(meter.stop(), state))
-            if k < rounds:
-                peers_round(first=k == 0)
-                meter.start()
+                peak = _plus(meter.stop(), state)
+                if peak is not None:
+                    own.peak.append(peak)
+            if k < passes:
+                peers_round(k)
+                if k == rounds and meter is not None:
+                    meter.start()
                 _sync(device)
                 self.t0 = time.perf_counter()
 
-    total = warmup + rounds * steps + 1  # the last step only closes the last round
+    total = warmup + passes * steps + 1  # the last step only closes the last round
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -507,9 +551,10 @@ def bench_inference(
     rounds: int,
     steps: int,
     warmup: int,
+    memory: bool = True,
 ) -> None:
-    """Interleaved inference rounds (eval mode, inference_mode) of every peer."""
-    meter = MemoryMeter(device)
+    """Interleaved inference rounds (eval mode, inference_mode) of every peer, then one memory
+    pass of each (`memory`)."""
     for peer in peers:
         peer.module.eval()
     with torch.inference_mode():
@@ -518,8 +563,66 @@ def bench_inference(
                 peer.predict(images)
         for _ in range(rounds):
             for peer in peers:
-                seconds, peak = _timed(lambda i, p=peer: p.predict(images), steps, device, meter)
-                peer.infer.add(seconds, _plus(peak, persistent_bytes(peer.module, None)))
+                peer.infer.seconds.append(
+                    _timed(lambda i, p=peer: p.predict(images), steps, device)
+                )
+        meter = MemoryMeter(device) if memory else None
+        for peer in peers if meter is not None else []:
+            peak = _peak(lambda i, p=peer: p.predict(images), steps, meter)
+            if peak is not None:
+                peer.infer.peak.append(peak + persistent_bytes(peer.module, None))
+
+
+def bench_losses(
+    names: list[str],
+    sizes: list[int],
+    batch_size: int,
+    num_classes: int,
+    device: torch.device,
+    rounds: int,
+    steps: int,
+    warmup: int,
+) -> list[dict]:
+    """Forward + backward milliseconds of each loss (seglight.losses, by `loss:` name) on random
+    float32 logits [batch_size, num_classes, S, S] with 5% ignored pixels, for S in `sizes`;
+    interleaved rounds. One row per (loss, size): median ms, min-max, and ms per megapixel (a
+    loss that scales linearly keeps it constant across sizes)."""
+    from seglight.losses import build_loss
+
+    losses = {name: build_loss(name).to(device) for name in names}
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for size in sizes:
+        logits = torch.randn(batch_size, num_classes, size, size, generator=g)
+        target = torch.randint(0, num_classes, (batch_size, size, size), generator=g)
+        target[torch.rand(target.shape, generator=g) < 0.05] = 255
+        inputs[size] = (logits.to(device).requires_grad_(), target.to(device))
+    seconds: dict[tuple[str, int], list[float]] = {(n, s): [] for n in names for s in sizes}
+
+    def work(name: str, size: int) -> Callable[[int], None]:
+        logits, target = inputs[size]
+
+        def step(i: int) -> None:
+            logits.grad = None
+            losses[name](logits, target).backward()
+
+        return step
+
+    for key in seconds:
+        for i in range(warmup):
+            work(*key)(i)
+    for _ in range(rounds):
+        for key in seconds:
+            seconds[key].append(_timed(work(*key), steps, device) / steps)
+    rows = []
+    for (name, size), secs in seconds.items():
+        ms = 1000 * statistics.median(secs)
+        megapixels = batch_size * size * size / 1e6
+        rows.append(
+            {"loss": name, "size": size, "ms": ms, "min": 1000 * min(secs),
+             "max": 1000 * max(secs), "ms_per_mpixel": ms / megapixels}
+        )  # fmt: skip
+    return rows
 
 
 def bench_data(
@@ -571,9 +674,27 @@ def bench_data(
 
 
 # ------------------------------------------------------------------------------- report
-def summarise(own: Peer, peers: list[Peer], batch_size: int, steps: int) -> dict[str, list]:
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median of `values`: the order statistics
+    x_(k) and x_(n+1-k) with the largest k whose binomial tail P(Bin(n, 1/2) < k) stays below
+    (1 - level) / 2 on each side. With fewer than 6 values no such k exists: min-max."""
+    xs, n = sorted(values), len(values)
+    tail, k = 0.0, 0
+    while True:  # the cumulative binomial probability of k successes or fewer
+        tail += math.comb(n, k) / 2**n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else (xs[0], xs[-1])
+
+
+def summarise(
+    own: Peer, peers: list[Peer], batch_size: int, steps: int, device: torch.device | None = None
+) -> dict[str, list]:
     """Per kind ("train", "infer"), one row per peer: median images/s and the rounds' min-max,
-    ms per batch, peak MB, and the ratios seglight / peer (speed) and seglight / peer (memory)."""
+    ms per batch, peak MB, and the ratios seglight / peer: speed as the median of the per-round
+    ratios with its 95% confidence interval; memory (inference memory on CUDA only: see the
+    module docstring)."""
     out: dict[str, list] = {}
     for kind in ("train", "infer"):
         rows = []
@@ -590,16 +711,22 @@ def summarise(own: Peer, peers: list[Peer], batch_size: int, steps: int) -> dict
                     "images_per_s": statistics.median(rates),
                     "min": min(rates),
                     "max": max(rates),
+                    "rates": rates,
                     "ms_per_batch": 1000 * statistics.median(measured.seconds) / steps,
                     "peak_mb": max(measured.peak) / 2**20 if measured.peak else None,
                 }
             )
         if rows and own.name == rows[0]["peer"]:
             ref = rows[0]
+            memory_comparable = kind == "train" or (device is not None and device.type == "cuda")
             for row in rows:
-                row["speed_ratio"] = ref["images_per_s"] / row["images_per_s"]
+                ratios = [a / b for a, b in zip(ref["rates"], row["rates"], strict=True)]
+                row["speed_ratio"] = statistics.median(ratios)
+                row["speed_ratio_ci"] = median_ci(ratios)
                 row["memory_ratio"] = (
-                    ref["peak_mb"] / row["peak_mb"] if ref["peak_mb"] and row["peak_mb"] else None
+                    ref["peak_mb"] / row["peak_mb"]
+                    if memory_comparable and ref["peak_mb"] and row["peak_mb"]
+                    else None
                 )
         out[kind] = rows
     return out
@@ -632,9 +759,13 @@ def print_report(results: dict, console: Any = None) -> None:
     for kind, title in titles.items():
         if not results.get(kind):
             continue
-        table = Table(title=title, caption="ratio = seglight ÷ peer (speed > 1: seglight faster)")
+        table = Table(
+            title=title,
+            caption="ratio = seglight ÷ peer, median of the per-round ratios [95% CI] "
+            "(speed > 1: seglight faster)",
+        )
         columns = ["peer", "params", "GFLOPs", "ms/batch", "images/s", "min-max"]
-        columns += ["speed ratio", "peak MB", "mem ratio"]
+        columns += ["speed ratio", "95% CI", "peak MB", "mem ratio"]
         for col in columns:
             table.add_column(col, justify="left" if col == "peer" else "right", no_wrap=True)
         for row in results[kind]:
@@ -646,6 +777,9 @@ def print_report(results: dict, console: Any = None) -> None:
                 f"{row['images_per_s']:.2f}",
                 f"{row['min']:.2f}-{row['max']:.2f}",
                 _fmt(row.get("speed_ratio"), ".3f"),
+                "-"
+                if row.get("speed_ratio_ci") is None or row is results[kind][0]
+                else "{:.3f}-{:.3f}".format(*row["speed_ratio_ci"]),
                 _fmt(row["peak_mb"], ".0f"),
                 _fmt(row.get("memory_ratio"), ".3f"),
             )
@@ -706,7 +840,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
     add("--num-classes", type=int, help="default: the data's, else 11")
     add("--precision", choices=sorted(PRECISIONS), help="default: bf16-mixed on a GPU, else 32")
     add("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N")
-    add("--rounds", type=int, default=5, help="timed rounds per peer")
+    add("--rounds", type=int, default=10, help="timed rounds per peer (10: a 95%% CI of the "
+        "median ratio from the 2nd to the 9th round)")  # fmt: skip
     add("--steps", type=int, default=3, help="steps per round")
     add("--warmup", type=int, default=2, help="untimed steps of each peer first")
     add("--peers", default="auto", help="comma-separated: raw, smp, torchvision, none "
@@ -719,7 +854,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
         help="channels_last memory format for every network (on CUDA)")  # fmt: skip
     add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
         help="torch.backends.cudnn.benchmark (autotuned convolutions for the fixed size)")  # fmt: skip
-    add("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    add("--threads", type=int, help="torch CPU threads (default: the usable cores, "
+        "seglight.threads; use 1 on a shared machine)")  # fmt: skip
+    add("--memory", action=argparse.BooleanOptionalAction, default=True,
+        help="a memory pass of each peer after the timed rounds")  # fmt: skip
+    add("--losses", help="comma-separated loss names (seglight.losses: ce, dice, focal, lovasz, "
+        "ohem, ...): time forward+backward of each")  # fmt: skip
+    add("--loss-sizes", default="256,512,1024", help="square sizes for --losses")
     add("--json", help="also write the results to this JSON file")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, dict] = {"model": {}, "data": {}}
@@ -772,8 +913,12 @@ def run(argv: list[str]) -> dict:
         if not Path(args.config).is_file():
             raise ConfigError(f"--config {args.config}: no such file")
         config = yaml.safe_load(Path(args.config).read_text()) or {}
+    if args.losses and not (args.model or config.get("model")):
+        return run_losses(args, argv)
     if not (args.model or config.get("model")):
-        raise ConfigError("bench: give --model NAME (or a --config file with a model: section)")
+        raise ConfigError(
+            "bench: give --model NAME (or a --config file with a model: section) or --losses"
+        )
     model_cls, model_kwargs = _resolve(args.model or config["model"], MODELS, "model")
     model_kwargs.update(overrides["model"])
     shown_options = dict(model_kwargs)
@@ -783,9 +928,7 @@ def run(argv: list[str]) -> dict:
         data_cls, data_kwargs = _resolve(args.data or config["data"], DATASETS, "data")
         datamodule = data_cls(**{**data_kwargs, **overrides["data"]})
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = _device(args.device)
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32")
     if precision == "16-mixed" and device.type != "cuda":
         raise ConfigError("--precision 16-mixed needs a CUDA GPU; use bf16-mixed or 32 on the CPU")
@@ -806,8 +949,7 @@ def run(argv: list[str]) -> dict:
     runner = Runner(
         device, precision, args.channels_last, args.warmup + args.rounds * args.steps + 1
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(0, requested=args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
 
@@ -828,13 +970,16 @@ def run(argv: list[str]) -> dict:
             args.steps,
             args.warmup,
             args.cudnn_benchmark,
+            args.memory,
         )
     if "infer" not in skip:
         model.to(device)  # Trainer.fit hands the model back on the CPU
         own.predict = lambda image: model.predict_step({"image": image}, 0)["pred"]
         images = batches[0]["image"]
-        bench_inference([own, *peers], images, device, args.rounds, args.steps, args.warmup)
-    results: dict[str, Any] = summarise(own, peers, args.batch_size, args.steps)
+        bench_inference(
+            [own, *peers], images, device, args.rounds, args.steps, args.warmup, args.memory
+        )
+    results: dict[str, Any] = summarise(own, peers, args.batch_size, args.steps, device)
     results["notes"] = notes
     results["setup"] = {
         "model": model_cls.__name__,
@@ -859,6 +1004,53 @@ def run(argv: list[str]) -> dict:
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
+    """`bench --losses ...` without a model: the loss table only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from seglight.losses import LOSSES
+
+    names = [n for n in args.losses.split(",") if n]
+    unknown = [n for n in names if n not in LOSSES]
+    if unknown:
+        raise ConfigError(f"--losses: unknown {unknown} (known: {', '.join(LOSSES)})")
+    try:
+        sizes = [int(v) for v in args.loss_sizes.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--loss-sizes: expected sizes like 256,512, got {args.loss_sizes!r}"
+        ) from None
+    device = _device(args.device)
+    threads = configure_threads(0, requested=args.threads)
+    num_classes = args.num_classes or 11
+    rows = bench_losses(
+        names, sizes, args.batch_size, num_classes, device, args.rounds, args.steps, args.warmup
+    )
+    table = Table(
+        title=f"losses: forward + backward, float32 logits {args.batch_size}x{num_classes}xSxS, "
+        f"{device.type}, {threads} thread(s), median of {args.rounds} rounds x {args.steps}"
+    )
+    for col in ("loss", "S", "ms", "min-max", "ms / Mpixel"):
+        table.add_column(col, justify="left" if col == "loss" else "right")
+    for row in rows:
+        table.add_row(
+            row["loss"], str(row["size"]), f"{row['ms']:.1f}",
+            f"{row['min']:.1f}-{row['max']:.1f}", f"{row['ms_per_mpixel']:.1f}",
+        )  # fmt: skip
+    Console(width=140).print(table)
+    results = {"losses": rows, "command": "python -m seglight bench " + " ".join(argv)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 
 
