@@ -5,8 +5,8 @@ busy process, in interleaved rounds (README "Threads and workers").
 
 Each run is a real `python -m seglight fit`; its training images/s is read from the run's
 metrics.json (the MetricsSummary callback: batches after the first of each epoch, loading
-included). "default" is torch's own count (one thread per usable core, passed as --threads),
-"policy" is seglight's choice (no option). The busy process is `while True: pass`.
+included). "torch default" is torch's own count (one thread per usable core, passed as
+--threads), "policy" is seglight's choice (no option). The busy process is `while True: pass`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def runs(camvid: str | None) -> dict[str, list[str]]:
     out = {
         "quickstart": ["--config", str(REPO / "experiments/quickstart.yaml"),
-                       "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "16",
+                       "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "8",
                        "--trainer.limit_val_batches", "0"],
     }  # fmt: skip
     if camvid:
@@ -35,7 +35,7 @@ def runs(camvid: str | None) -> dict[str, list[str]]:
             "--config", str(REPO / "experiments/unet.yaml"), "--data.root", camvid,
             "--data.num_workers", "2", "--data.batch_size", "4",
             "--data.crop_size", "[240, 320]", "--trainer.max_epochs", "1",
-            "--trainer.limit_train_batches", "6", "--trainer.limit_val_batches", "0",
+            "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "0",
         ]  # fmt: skip
     return out
 
@@ -63,18 +63,24 @@ def fit(args: list[str], threads: int | None) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--camvid", help="CamVid root (adds the bounded U-Net run)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     import torch
 
     default = torch.get_num_threads()  # torch's own count in a fresh process
+    # (label, --threads): None is seglight's policy. Where the policy equals torch's default
+    # (the quickstart loads in the main process), one thread is shown beside it instead.
+    settings = {
+        "quickstart": [("policy (= torch default)", None), ("--threads 1", 1)],
+        "camvid-unet": [("torch default", default), ("policy", None)],
+    }
     results: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.rounds):
         for busy in (False, True):
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
             try:
                 for name, run_args in runs(args.camvid).items():
-                    for label, threads in (("default", default), ("policy", None)):
+                    for label, threads in settings[name]:
                         rate, wall = fit(run_args, threads)
                         key = (name, "busy" if busy else "quiet", label)
                         results.setdefault(key, []).append(rate)
@@ -84,16 +90,16 @@ def main() -> None:
                     hog.kill()
                     hog.wait()
     print(f"\ntorch default: {default} threads; rounds: {args.rounds}")
-    print("| run | neighbour | default img/s | policy img/s | policy / default |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| run | beside | A | A img/s | B | B img/s | B / A |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: |")
     for name in runs(args.camvid):
+        (label_a, _), (label_b, _) = settings[name]
         for where in ("quiet", "busy"):
-            d, p = results[(name, where, "default")], results[(name, where, "policy")]
-            ratios = [b / a for a, b in zip(d, p, strict=True)]
+            a, b = results[(name, where, label_a)], results[(name, where, label_b)]
+            ratios = [y / x for x, y in zip(a, b, strict=True)]
             print(
-                f"| {name} | {where} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) | "
-                f"{statistics.median(p):.1f} ({min(p):.1f}-{max(p):.1f}) | "
-                f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |"
+                f"| {name} | {where} | {label_a} | {statistics.median(a):.1f} | {label_b} | "
+                f"{statistics.median(b):.1f} | {statistics.median(ratios):.2f} |"
             )
 
 

@@ -441,14 +441,20 @@ def _plus(peak: int | None, state: int) -> int | None:
     return None if peak is None else peak + state
 
 
+#: the clock of the timed rounds: wall time, or with `--clock cpu` the process's CPU time (with
+#: one thread on a CPU shared with other work, the work a step does, whatever else runs)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _timed(work: Callable[[int], Any], steps: int, device: torch.device) -> float:
     """Seconds for `steps` calls of work(i)."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for i in range(steps):
         work(i)
     _sync(device)
-    return time.perf_counter() - t0
+    return _clock() - t0
 
 
 def _peak(work: Callable[[int], Any], steps: int, meter: MemoryMeter) -> int | None:
@@ -511,7 +517,7 @@ def bench_training(
                 return
             _sync(device)
             if 0 < k <= rounds:  # close seglight's timed round k - 1
-                own.seconds.append(time.perf_counter() - self.t0)
+                own.seconds.append(_clock() - self.t0)
             elif k > rounds and meter is not None:  # close its memory pass
                 state = persistent_bytes(pl_module, trainer.optimizers[0])
                 peak = _plus(meter.stop(), state)
@@ -522,7 +528,7 @@ def bench_training(
                 if k == rounds and meter is not None:
                     meter.start()
                 _sync(device)
-                self.t0 = time.perf_counter()
+                self.t0 = _clock()
 
     total = warmup + passes * steps + 1  # the last step only closes the last round
     trainer = L.Trainer(
@@ -750,7 +756,8 @@ def print_report(results: dict, console: Any = None) -> None:
         console.print(
             f"{s['model']} {s['model_options']}, input {s['batch_size']}x{s['in_channels']}x"
             f"{s['size'][0]}x{s['size'][1]}, {s['num_classes']} classes, precision {s['precision']}; "
-            f"{s['rounds']} interleaved rounds x {s['steps']} steps after {s['warmup']} warm-up"
+            f"{s['rounds']} interleaved rounds x {s['steps']} steps after {s['warmup']} warm-up; "
+            f"{s.get('clock', 'wall')} clock"
         )
     titles = {
         "train": "training: seglight in Trainer.fit, the others in a plain loop",
@@ -856,6 +863,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
         help="torch.backends.cudnn.benchmark (autotuned convolutions for the fixed size)")  # fmt: skip
     add("--threads", type=int, help="torch CPU threads (default: the usable cores, "
         "seglight.threads; use 1 on a shared machine)")  # fmt: skip
+    add("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or the process's CPU "
+        "time (with --threads 1 on a shared CPU: the work each step does, not the waiting)")  # fmt: skip
     add("--memory", action=argparse.BooleanOptionalAction, default=True,
         help="a memory pass of each peer after the timed rounds")  # fmt: skip
     add("--losses", help="comma-separated loss names (seglight.losses: ce, dice, focal, lovasz, "
@@ -950,6 +959,8 @@ def run(argv: list[str]) -> dict:
         device, precision, args.channels_last, args.warmup + args.rounds * args.steps + 1
     )
     configure_threads(0, requested=args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
 
@@ -996,6 +1007,7 @@ def run(argv: list[str]) -> dict:
         "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,
+        "clock": args.clock,
         "command": "python -m seglight bench " + " ".join(argv),
     }
     if datamodule is not None:
@@ -1032,6 +1044,8 @@ def run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
         ) from None
     device = _device(args.device)
     threads = configure_threads(0, requested=args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
     num_classes = args.num_classes or 11
     rows = bench_losses(
         names, sizes, args.batch_size, num_classes, device, args.rounds, args.steps, args.warmup
