@@ -363,3 +363,44 @@ def test_model_loss_options_and_aux_heads():
     expected = crit(logits, target) + 0.4 * crit(up, target)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert crit.losses["focal"].gamma == 1.0
+
+
+def test_ohem_selects_without_sorting_and_matches_the_sorted_rule(monkeypatch):
+    """OHEM's threshold comes from a selection (kthvalue), equal to the sort-based rule
+    threshold = max(thresh, k-th smallest p_true), k = min(min_kept * B, n_valid - 1)."""
+    from seglight.losses import OhemCrossEntropyLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 9, 7, generator=g)
+    target = torch.randint(0, 4, (2, 9, 7), generator=g)
+    target[0, :5] = 255
+    p_true = logits.softmax(1).gather(1, target.clamp(max=3)[:, None])[:, 0]
+    valid = target != 255
+    for min_kept in (3, 20, 10_000):  # k inside the valid pixels, and beyond them
+        ranked = p_true[valid].sort().values
+        kth = ranked[min(min_kept * 2, len(ranked) - 1)]
+        expected = valid & (p_true < max(float(kth), 0.7))
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "sort", lambda *a, **k: pytest.fail("OHEM sorted"))
+            keep = OhemCrossEntropyLoss(min_kept=min_kept).hard_pixels(logits, target)
+        assert torch.equal(keep, expected)
+
+
+def test_dice_needs_no_one_hot_and_matches_its_formula(monkeypatch):
+    from seglight.losses import DiceLoss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 6, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 4, (2, 6, 8), generator=g)  # class 4 absent
+    target[1, 0] = 255
+    valid = (target != 255)[:, None]
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2) * valid
+    inter, denom = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    expected = ((1 - 2 * inter / denom) * present).sum() / present.sum()
+    monkeypatch.setattr(F, "one_hot", lambda *a, **k: pytest.fail("Dice built a one-hot"))
+    loss = DiceLoss()(logits, target)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()

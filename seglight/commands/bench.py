@@ -176,6 +176,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         if self._libc is not None:
+            self._libc.mallopt(-3, 256 * 1024)  # see _prepare_cpu
             self._libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         self._start = self._status_kb("VmRSS") * 1024
@@ -187,7 +188,11 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self._start
-        return max(0, self._status_kb("VmHWM") * 1024 - self._start)
+        peak = max(0, self._status_kb("VmHWM") * 1024 - self._start)
+        from seglight.threads import keep_freed_memory
+
+        keep_freed_memory()  # back to the allocator settings the timed rounds run with
+        return peak
 
 
 def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
