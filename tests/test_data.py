@@ -168,3 +168,30 @@ def test_image_scale_rescales_every_split(fake_camvid):
     assert torch.equal(val["mask"], raw.datasets["val"][0]["mask"][1::2, 1::2])
     with pytest.raises(DataError, match="image_scale must be in"):
         camvid(fake_camvid, image_scale=0)
+
+
+def test_png_masks_decode_like_pil_grey_palette_and_16_bit(tmp_path):
+    """torchvision decodes 8-bit grey and palette PNG masks (indices, not colours) exactly as
+    PIL does; 16-bit and colour masks keep PIL's path and its errors."""
+    import numpy as np
+    from PIL import Image
+
+    from seglight.data.base import read_mask
+    from seglight.errors import DataError
+
+    values = (np.arange(37 * 29).reshape(37, 29) * 7 % 256).astype(np.uint8)
+    Image.fromarray(values, "L").save(tmp_path / "grey.png")
+    palette = Image.fromarray(values % 12, "P")
+    palette.putpalette([(i * 53) % 256 for i in range(768)])
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(values.astype(np.uint16) * 200).save(tmp_path / "wide.png")
+    Image.fromarray(np.stack([values] * 3, -1), "RGB").save(tmp_path / "colour.png")
+    lut = np.arange(256, dtype=np.uint8)[::-1].copy()
+    for name in ("grey.png", "palette.png", "wide.png"):
+        with Image.open(tmp_path / name) as im:
+            expected = np.array(im)
+        got = read_mask(tmp_path / name)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), name
+    assert np.array_equal(read_mask(tmp_path / "grey.png", lut), lut[values])
+    with pytest.raises(DataError, match="colour-coded"):
+        read_mask(tmp_path / "colour.png")

@@ -67,11 +67,33 @@ def read_image(path: Path) -> torch.Tensor:
         raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
 
 
+def _png_kind(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or None when it is not a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
 def read_mask(path: Path, label_map: np.ndarray | None = None) -> np.ndarray:
     """Class-index mask [H, W] from a single-channel image (mode L, P, I;16 or I).
 
     `label_map`, a 256-entry lookup table, remaps 8-bit values (e.g. a void label to 255).
+    8-bit grey and palette PNGs (the common case) are decoded by torchvision (libpng: about half
+    PIL's time; a palette PNG gives its indices, as PIL's mode P does); other files by PIL.
     """
+    if _png_kind(path) in ((8, 0), (8, 3)):  # 8-bit greyscale or palette
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            mask = decode_image(str(path), mode=ImageReadMode.UNCHANGED)[0].numpy()
+        except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError for corrupt files
+            raise DataError(f"cannot read mask {str(path)!r}: {e}") from e
+        return label_map[mask] if label_map is not None else mask
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I;16", "I", "1"):
