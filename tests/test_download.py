@@ -449,6 +449,87 @@ def test_malicious_zip_is_refused(tmp_path: Path, name: str, fragment: str) -> N
     assert not Path("/abs_evil.txt").exists()
 
 
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("fake_root", "outside the destination"),
+        ("link_chain", "symlink pointing outside"),
+        ("relinked", "symlink pointing outside"),
+        ("hardlink_via_link", "hard link pointing outside"),
+        ("write_through_link", "inside a symlinked directory"),
+    ],
+)
+def test_tar_escapes_are_refused_without_the_stdlib_filter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, fragment: str
+) -> None:
+    """Paths are resolved as the filesystem would, following the archive's own symlinks, so
+    these are refused on Pythons without tarfile's `data` filter (3.10.0-3.10.11, 3.11.0-3.11.3)
+    where nothing else would stop them."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    work = tmp_path / "work"
+    dest = work / "dest"
+    work.mkdir()
+    members = {
+        # normalised against the old check's fake root "/__dest__", this looked inside
+        "fake_root": [(_info("../__dest__/evil.txt"), b"evil")],
+        # d/l is dest itself, so d/l/.. is dest's parent (a lexical normpath says "d")
+        "link_chain": [
+            (_info("d", tarfile.DIRTYPE), b""),
+            (_info("d/l", tarfile.SYMTYPE, ".."), b""),
+            (_info("e", tarfile.SYMTYPE, "d/l/.."), b""),
+        ],
+        # a -> b/.. is dest while b is a plain name; the later b -> . sends a outside
+        "relinked": [
+            (_info("a", tarfile.SYMTYPE, "b/.."), b""),
+            (_info("b", tarfile.SYMTYPE, "."), b""),
+        ],
+        "hardlink_via_link": [
+            (_info("d", tarfile.DIRTYPE), b""),
+            (_info("d/l", tarfile.SYMTYPE, ".."), b""),
+            (_info("h", tarfile.LNKTYPE, "d/l/../evil.txt"), b""),
+        ],
+        "write_through_link": [
+            (_info("d", tarfile.DIRTYPE), b""),
+            (_info("d/l", tarfile.SYMTYPE, ".."), b""),
+            (_info("d/l/x.txt"), b"evil"),
+        ],
+    }[case]
+    (work / "evil.txt").write_text("outside")
+    archive = _tar_with(tmp_path / f"{case}.tar.gz", *members)
+    before = listing(tmp_path)
+
+    with pytest.raises(DownloadError) as exc:
+        extract_archive(archive, dest)
+
+    assert fragment in str(exc.value)
+    assert str(archive) in str(exc.value)
+    assert not dest.exists()
+    assert listing(tmp_path) == before
+
+
+def test_zip_member_through_the_fake_root_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../__dest__/x", b"evil")
+    with pytest.raises(DownloadError, match="outside the destination"):
+        extract_archive(archive, tmp_path / "dest")
+
+
+def test_symlinks_that_stay_inside_are_extracted(tmp_path: Path, monkeypatch) -> None:
+    """Links between the archive's own folders (d/up -> .., e -> d/up/d) stay allowed."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = _tar_with(
+        tmp_path / "ok.tar.gz",
+        (_info("d", tarfile.DIRTYPE), b""),
+        (_info("d/f.txt"), b"abc"),
+        (_info("d/up", tarfile.SYMTYPE, ".."), b""),
+        (_info("e", tarfile.SYMTYPE, "d/up/d"), b""),
+    )
+    dest = tmp_path / "dest"
+    extract_archive(archive, dest)
+    assert (dest / "e" / "f.txt").read_bytes() == b"abc"
+
+
 def test_zip_symlink_pointing_outside_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "link.zip"
     with zipfile.ZipFile(archive, "w") as zf:

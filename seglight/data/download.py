@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import posixpath
 import re
 import shutil
 import stat
@@ -554,17 +553,43 @@ def _archive_kind(archive: Path) -> str:
     )
 
 
-# A virtual root used to resolve member paths as plain strings: the real filesystem must not be
-# consulted (dest may not exist yet, and following real symlinks would defeat the check).
-_ROOT = "/__dest__"
+# Member paths are resolved as lists of components relative to dest, following the archive's own
+# symlinks as the filesystem would at the moment each member is written (a link is followed
+# before a ".." after it, as the kernel does; a lexical normpath would not). The real filesystem
+# is never consulted: dest may not exist yet, and following real symlinks would defeat the check.
+_MAX_LINK_DEPTH = 40  # like the kernel's ELOOP limit
 
 
-def _inside(relative: str, base: str = _ROOT) -> bool:
-    """Whether ``relative`` (an archive-internal path) stays inside ``base`` once normalised."""
-    if _is_absolute(relative):
-        return False
-    resolved = posixpath.normpath(posixpath.join(base, relative))
-    return resolved == _ROOT or resolved.startswith(_ROOT + "/")
+class _Escape(Exception):
+    """A path resolves outside the destination (or loops)."""
+
+
+def _split(name: str) -> list[str]:
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _resolve(
+    parts: list[str], links: dict[str, str], follow_last: bool, depth: int = 0
+) -> list[str]:
+    """The components (relative to dest) that `parts` names once the archive's symlinks seen so
+    far (`links`: path -> target) are followed; raises _Escape if it leaves dest.
+
+    `follow_last`: whether a symlink in the last component is followed too (writing a file or
+    a hard link at a symlink's path writes through it; a new symlink replaces it)."""
+    current: list[str] = []
+    for i, part in enumerate(parts):
+        if part == "..":
+            if not current:
+                raise _Escape
+            current.pop()
+            continue
+        current.append(part)
+        target = links.get("/".join(current))
+        if target is not None and (follow_last or i < len(parts) - 1):
+            if depth >= _MAX_LINK_DEPTH or _is_absolute(target):
+                raise _Escape
+            current = _resolve(current[:-1] + _split(target), links, True, depth + 1)
+    return current
 
 
 def _is_absolute(name: str) -> bool:
@@ -581,54 +606,66 @@ def _refuse(archive: Path, member: str, why: str) -> DownloadError:
 
 
 def _check_tar_members(archive: Path, members: list[tarfile.TarInfo]) -> None:
-    symlinks: set[str] = set()
+    """Refuse the archive if any member, or any link's target, resolves outside dest.
+
+    Every member is resolved against the symlinks of the members before it (the state of the
+    destination when tarfile writes it), and at the end every symlink is resolved again against
+    all of them, since a later link can change where an earlier one points."""
+    links: dict[str, str] = {}
     for member in members:
-        _check_tar_member(archive, member)
-        # A symlink that points inside dest on paper can still be abused when other members
-        # are written *through* it (e.g. "a" -> "." and then "a/b" -> ".."), because the
-        # string-level check above cannot know that "a" is a link. Archives of real datasets
-        # never need that, so any member below a symlink is refused outright.
-        name = posixpath.normpath(member.name.replace("\\", "/"))
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in symlinks:
-                raise _refuse(archive, member.name, "lies inside a symlinked directory")
-        if member.issym():
-            symlinks.add(name)
-
-
-def _check_tar_member(archive: Path, member: tarfile.TarInfo) -> None:
-    name = member.name.replace("\\", "/")
-    if _is_absolute(member.name):
-        raise _refuse(archive, member.name, "has an absolute path")
-    if not _inside(name):
-        raise _refuse(archive, member.name, "would be written outside the destination ('..')")
-    if member.ischr() or member.isblk() or member.isfifo():
-        raise _refuse(archive, member.name, "is a device file or FIFO")
-    if member.issym():
-        # Symlink targets are relative to the directory containing the link.
-        link_dir = posixpath.join(_ROOT, posixpath.dirname(name))
-        if _is_absolute(member.linkname) or not _inside(
-            member.linkname.replace("\\", "/"), link_dir
-        ):
+        if _is_absolute(member.name):
+            raise _refuse(archive, member.name, "has an absolute path")
+        if member.ischr() or member.isblk() or member.isfifo():
+            raise _refuse(archive, member.name, "is a device file or FIFO")
+        try:
+            lexical = _resolve(_split(member.name), {}, follow_last=False)
+            where = _resolve(lexical, links, follow_last=not member.issym())
+        except _Escape:
             raise _refuse(
-                archive, member.name, f"is a symlink pointing outside ({member.linkname!r})"
+                archive, member.name, "would be written outside the destination ('..')"
+            ) from None
+        # A member written *through* a symlink (e.g. "a" -> "." and then "a/b" -> ".."): archives
+        # of real datasets never need that, so it is refused even when it stays inside.
+        if where != lexical:
+            raise _refuse(
+                archive, member.name, "lies inside a symlinked directory (or replaces a symlink)"
             )
-    elif member.islnk() and (
-        _is_absolute(member.linkname) or not _inside(member.linkname.replace("\\", "/"))
-    ):
-        # Hard link targets are relative to the archive root.
-        raise _refuse(
-            archive, member.name, f"is a hard link pointing outside ({member.linkname!r})"
-        )
+        if member.issym():
+            kind, target = "symlink", member.linkname
+            base = where[:-1]  # a symlink's target is relative to the link's directory
+        elif member.islnk():
+            kind, target = "hard link", member.linkname
+            base = []  # a hard link's target is relative to the archive root
+        else:
+            links.pop("/".join(where), None)
+            continue
+        try:
+            if _is_absolute(target):
+                raise _Escape
+            _resolve(base + _split(target), links, follow_last=True)
+        except _Escape:
+            raise _refuse(
+                archive, member.name, f"is a {kind} pointing outside ({target!r})"
+            ) from None
+        if member.issym():
+            links["/".join(where)] = target
+    for name, target in links.items():
+        try:
+            _resolve(_split(name), links, follow_last=True)
+        except _Escape:
+            raise _refuse(archive, name, f"is a symlink pointing outside ({target!r})") from None
 
 
 def _check_zip_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
-    name = info.filename.replace("\\", "/")
     if _is_absolute(info.filename):
         raise _refuse(archive, info.filename, "has an absolute path")
-    if not _inside(name):
-        raise _refuse(archive, info.filename, "would be written outside the destination ('..')")
+    parts = _split(info.filename)
+    try:
+        _resolve(parts, {}, follow_last=False)
+    except _Escape:
+        raise _refuse(
+            archive, info.filename, "would be written outside the destination ('..')"
+        ) from None
     mode = info.external_attr >> 16  # Unix mode bits, present when the zip was made on Unix
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
         raise _refuse(archive, info.filename, "is a device file or FIFO")
@@ -637,9 +674,14 @@ def _check_zip_member(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo)
         # file), so such a member cannot escape. One pointing outside is still refused: the
         # archive is plainly not a dataset, and other unzip tools *would* follow it.
         target = zf.read(info).decode("utf-8", "replace")
-        link_dir = posixpath.join(_ROOT, posixpath.dirname(name))
-        if _is_absolute(target) or not _inside(target.replace("\\", "/"), link_dir):
-            raise _refuse(archive, info.filename, f"is a symlink pointing outside ({target!r})")
+        try:
+            if _is_absolute(target):
+                raise _Escape
+            _resolve(parts[:-1] + _split(target), {}, follow_last=True)
+        except _Escape:
+            raise _refuse(
+                archive, info.filename, f"is a symlink pointing outside ({target!r})"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------
