@@ -19,6 +19,10 @@ class DataError(SeglightError, ValueError):
     """A dataset folder, image or mask is missing or invalid."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint or weights file is missing, truncated, corrupt, foreign or unsafe to load."""
+
+
 def find_cause(exc: BaseException | None, types: type | tuple[type, ...]) -> BaseException | None:
     """The first exception of `types` in the chain behind `exc` (its causes and contexts)."""
     seen = set()

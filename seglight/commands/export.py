@@ -204,17 +204,17 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> nn.Module:
     checkpoint holds the trained ones).
     """
     import seglight.methods  # noqa: F401  (a method's checkpoint exports its network)
+    from seglight.checkpoints import check_state_dict
+    from seglight.checkpoints import load_checkpoint as load_checkpoint_file
     from seglight.models import MODELS
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--ckpt: no such file {str(path)!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        hparams = dict(checkpoint["hyper_parameters"])
-        state_dict = checkpoint["state_dict"]
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ConfigError(f"--ckpt {str(path)!r} is not a seglight checkpoint: {e}") from e
+    checkpoint = load_checkpoint_file(path, "--ckpt")
+    hparams, state_dict = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state_dict, dict):
+        raise ConfigError(
+            f"--ckpt {str(path)!r} is not a seglight checkpoint (it has no hyper_parameters "
+            "and state_dict)"
+        )
     name = model or str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
     if name not in MODELS:
         raise ConfigError(
@@ -224,9 +224,13 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> nn.Module:
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if kwargs.get("encoder_weights") is not None:
         kwargs["encoder_weights"] = None
+    kwargs.pop("ema_decay", None)  # no average to keep: an EMA run exports its averaged weights
     net = MODELS[name](**kwargs)
     # a run with compile: true saved the compiled wrapper's names
-    net.load_state_dict({k.replace("._orig_mod.", "."): v for k, v in state_dict.items()})
+    state_dict = {k.replace("._orig_mod.", "."): v for k, v in state_dict.items()}
+    net._match_ema_state(state_dict)
+    check_state_dict(net, state_dict, f"--ckpt {str(path)!r}")
+    net.load_state_dict(state_dict)
     return net
 
 

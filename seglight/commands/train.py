@@ -147,10 +147,10 @@ def find_checkpoint(base: Path, which: str) -> Path:
         )
     if which == "last":
         return lasts[-1]
-    import torch
+    from seglight.checkpoints import load_checkpoint
 
-    state = torch.load(lasts[-1], map_location="cpu", weights_only=False, mmap=True)
-    for key, value in state.get("callbacks", {}).items():
+    state = load_checkpoint(lasts[-1], "--ckpt_path best: the newest last.ckpt")
+    for key, value in (state.get("callbacks") or {}).items():
         if "ModelCheckpoint" in key and value.get("best_model_path"):
             best = Path(value["best_model_path"])
             if best.is_file():
@@ -227,6 +227,8 @@ class SeglightCLI(LightningCLI):
             print(f"seglight: --ckpt_path resolved to {ckpt}", file=sys.stderr)
         elif ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"--ckpt_path: no such file {ckpt!r}")
+        if ckpt:
+            self._check_checkpoint(config, ckpt)
         if config.trainer.get("default_root_dir"):
             run_dir = Path(config.trainer.default_root_dir)
         elif os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK") not in (None, "0"):
@@ -243,6 +245,19 @@ class SeglightCLI(LightningCLI):
             run_dir = new_run_dir(base)
         config.trainer.default_root_dir = str(run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)
+
+    def _check_checkpoint(self, config, ckpt: str) -> None:
+        """Lightning loads --ckpt_path with weights_only=True (never unpickling other objects),
+        after a first read here that turns a truncated, corrupt or unsafe file into one line."""
+        from seglight.checkpoints import load_checkpoint
+
+        if config.get("weights_only") is False:
+            raise ConfigError(
+                "--weights_only false: seglight loads checkpoints with weights_only=True only "
+                "(a checkpoint must not run code when loaded)"
+            )
+        config.weights_only = True
+        load_checkpoint(ckpt, "--ckpt_path")
 
     def before_instantiate_classes(self) -> None:
         import torch

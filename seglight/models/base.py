@@ -349,6 +349,11 @@ class SegmentationModel(L.LightningModule):
                 f"({', '.join(self.class_names)}); use a checkpoint trained on this dataset"
             )
         self._match_ema_state(checkpoint.get("state_dict", {}))
+        if self.strict_loading:  # one line naming what differs, not torch's list of keys
+            from seglight.checkpoints import check_state_dict
+
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            check_state_dict(self, checkpoint.get("state_dict", {}), f"checkpoint {str(where)!r}")
 
     def _match_ema_state(self, state: dict[str, torch.Tensor]) -> None:
         """Make a checkpoint's weights fit this model's EMA setting (edits `state` in place):
