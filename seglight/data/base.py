@@ -5,9 +5,13 @@ The label contract: a batch is {"image": float32 [B, C, H, W] normalised, "mask"
 Each dataset maps its own void label to 255 when it reads a mask (a 256-entry lookup table).
 
 Masks are checked before training: every mask of the splits being set up is read once, and a
-value outside [0, num_classes) that is not 255, or a mask whose size differs from its image's, is
-an error naming the files. A passed check is remembered (keyed on the files' paths, sizes and
-modification times) in ~/.cache/seglight/verified, so the next run starts at once.
+raw value that is neither a class nor the dataset's ignore value (after its lookup table; an
+entry INVALID marks a raw value that must not occur), or a mask whose size differs from its
+image's, is an error naming the files and the raw values. The same pass counts the pixels of each
+class: when a Trainer fits, a declared class with no pixels in the whole training split is an
+error (binary 0/255 masks read with 255 as "ignore" are the usual cause), unless
+`allow_empty_classes: true`. A passed check and its counts are remembered (keyed on the files'
+paths, sizes and modification times) in ~/.cache/seglight/verified, so the next run starts at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextvars
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +69,9 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError for corrupt files
-        raise DataError(f"cannot decode image {str(path)!r}: {e}") from e
+        # torchvision prefixes its C++ source location ("decode_jpeg, /.../decode_jpeg.cpp:171, ")
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).strip())
+        raise DataError(f"cannot decode image {str(path)!r}: {reason}") from e
 
 
 def _png_kind(path: Path) -> tuple[int, int] | None:
@@ -133,6 +140,52 @@ def masks_optional() -> Iterator[None]:
         yield
     finally:
         _MASKS_OPTIONAL.reset(token)
+
+
+#: a lookup-table entry (tables of dtype int16) for a raw mask value that is neither a class nor
+#: the dataset's void value: finding it in a mask is an error that names the raw value
+INVALID = -1
+
+
+def raw_histogram(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of a raw mask and their pixel counts (a bincount for 8-bit masks)."""
+    if mask.dtype == np.uint8:
+        counts = np.bincount(mask.ravel(), minlength=256)
+        values = np.flatnonzero(counts)
+        return values, counts[values]
+    return np.unique(mask, return_counts=True)
+
+
+def _span(values: Sequence[int]) -> str:
+    values = [int(v) for v in values]
+    if not values:
+        return "none"
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+
+
+def describe_values(num_classes: int, ignore_index: int, label_map: np.ndarray | None) -> str:
+    """What a raw mask value may be, for error messages: the raw values of the classes and of
+    "ignore" (after the dataset's lookup table: e.g. CamVid's void is 11, a Folder's may be 0)."""
+    if label_map is None:
+        classes, ignored = range(num_classes), [ignore_index]
+    else:
+        classes = np.flatnonzero((label_map >= 0) & (label_map < num_classes))
+        ignored = np.flatnonzero(label_map == ignore_index)
+    plural = "s" if len(ignored) > 1 else ""
+    return f"a class ({_span(classes)}) or the ignore value{plural} ({_span(ignored)})"
+
+
+def bad_raw_values(
+    values: np.ndarray, num_classes: int, ignore_index: int, label_map: np.ndarray | None
+) -> list[int]:
+    """The raw `values` that map to neither a class nor the ignore index."""
+    mapped = values if label_map is None else label_map[np.clip(values, 0, len(label_map) - 1)]
+    ok = ((mapped >= 0) & (mapped < num_classes)) | (mapped == ignore_index)
+    if label_map is not None:
+        ok &= (values >= 0) & (values < len(label_map))
+    return [int(v) for v in values[~ok]]
 
 
 def find_pairs(
@@ -214,15 +267,19 @@ class SegmentationDataset(Dataset):
                 f"mask {str(mask_path)!r} is {mask.shape[0]}x{mask.shape[1]} but its image "
                 f"{str(image_path)!r} is {image.shape[-2]}x{image.shape[-1]}"
             )
-        mask = torch.from_numpy(
-            mask.astype(np.int64) if mask.dtype not in (np.uint8, np.int64) else mask
-        )
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
-        if bad.any():
+        bad = ((mask >= self.num_classes) & (mask != self.ignore_index)) | (mask < 0)
+        if bad.any():  # (masks are checked before training; this catches a file changed since)
+            values, _ = raw_histogram(read_mask(mask_path))
+            bad_values = bad_raw_values(values, self.num_classes, self.ignore_index, self.label_map)
             raise DataError(
-                f"mask {str(mask_path)!r} has values {invalid_values(mask.numpy(), self.num_classes, self.ignore_index)}"
-                f" outside [0, {self.num_classes}) that are not the ignore index {self.ignore_index}"
+                f"mask {str(mask_path)!r} has values {bad_values} outside [0, {self.num_classes}) "
+                "that are not ignored (a raw value must be "
+                f"{describe_values(self.num_classes, self.ignore_index, self.label_map)})"
             )
+        if mask.dtype not in (np.uint8, np.int64):  # 16-bit files, int16 lookup tables
+            small = self.num_classes <= 256 and 0 <= self.ignore_index <= 255
+            mask = mask.astype(np.uint8 if small else np.int64)  # the values are checked above
+        mask = torch.from_numpy(mask)
         return image, mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -237,45 +294,93 @@ def verify_pairs(
     label_map: np.ndarray | None = None,
     what: str = "dataset",
     use_cache: bool = True,
-) -> None:
-    """Read every mask once and raise DataError listing each bad file (values or size)."""
+) -> dict[str, list[int]] | None:
+    """Read every mask once and raise DataError listing each bad file (values or size).
+
+    Returns what the same pass counted: {"class_pixels": pixels per class [num_classes],
+    "raw_values": the raw mask values found}, or None when there are no masks.
+    """
     pairs = [(i, m) for i, m in pairs if m is not None]
     if not pairs:
-        return
+        return None
     cache = _verified_cache_file(pairs, num_classes, ignore_index, label_map) if use_cache else None
     if cache is not None and cache.exists():
-        return
+        try:
+            summary = json.loads(cache.read_text())
+            return {k: summary[k] for k in ("class_pixels", "raw_values")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an older or damaged entry: check again
+    class_pixels = np.zeros(num_classes, np.int64)
+    raw_values: set[int] = set()
 
     def check(pair: tuple[Path, Path]) -> str | None:
         image_path, mask_path = pair
         try:
-            mask = read_mask(mask_path, label_map)
             with Image.open(image_path) as im:  # reads the header only
                 width, height = im.size
+        except Exception as e:  # noqa: BLE001 - PIL raises several types for broken files
+            return f"cannot read image {str(image_path)!r}: {e}"
+        try:
+            mask = read_mask(mask_path)
         except DataError as e:
             return str(e)
-        except Exception as e:  # noqa: BLE001
-            return f"cannot read image {str(image_path)!r}: {e}"
+        if label_map is not None and mask.dtype != np.uint8:
+            return f"mask {str(mask_path)!r} is {mask.dtype}; this dataset expects 8-bit masks"
         if mask.shape != (height, width):
             return (
                 f"mask {str(mask_path)!r} is {mask.shape[0]}x{mask.shape[1]} but its image "
                 f"{image_path.name} is {height}x{width}"
             )
-        bad = invalid_values(mask, num_classes, ignore_index)
+        values, counts = raw_histogram(mask)
+        bad = bad_raw_values(values, num_classes, ignore_index, label_map)
         if bad:
             return (
-                f"mask {str(mask_path)!r} has values {bad} outside [0, {num_classes}) "
-                f"that are not the ignore index {ignore_index}"
+                f"mask {str(mask_path)!r} has values {bad} outside [0, {num_classes}) that are "
+                f"not ignored (a raw value must be "
+                f"{describe_values(num_classes, ignore_index, label_map)})"
             )
+        classes = values if label_map is None else label_map[values]
+        keep = classes < num_classes  # the rest is ignored
+        np.add.at(class_pixels, classes[keep].astype(np.int64), counts[keep])
+        raw_values.update(values.tolist())
         return None
 
-    check_all(check, pairs, f"{what} masks are invalid")
+    check_all(check, pairs, f"{what} image/mask pairs are invalid")
+    summary = {"class_pixels": class_pixels.tolist(), "raw_values": sorted(raw_values)}
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"files": len(pairs), "what": what}))
+            cache.write_text(json.dumps({"files": len(pairs), "what": what, **summary}))
         except OSError:
             pass  # the cache is an optimisation only
+    return summary
+
+
+def check_classes_present(
+    class_pixels: Sequence[int],
+    class_names: Sequence[str],
+    raw_values: Sequence[int],
+    ignore_values: Sequence[int],
+    what: str,
+) -> None:
+    """DataError naming each class with no pixels in a training split (with the likely fix when
+    the masks hold only 0 and 255 and 255 is read as "ignore": binary masks)."""
+    empty = [f"{i} ({class_names[i]})" for i, n in enumerate(class_pixels) if n == 0]
+    if not empty:
+        return
+    hint = ""
+    if set(raw_values) <= {0, 255} and 255 in ignore_values:
+        hint = (
+            " The masks hold only the values 0 and 255, and 255 is read as the ignore value: if "
+            "255 marks the foreground (binary masks), map it to class 1 with the Folder option "
+            "`value_map: {255: 1}` (or `mask_format: binary`)."
+        )
+    raise DataError(
+        f"{what}: class{'es' if len(empty) > 1 else ''} {', '.join(empty)} "
+        f"{'have' if len(empty) > 1 else 'has'} no pixels in any mask of the training split, so "
+        f"the model cannot learn {'them' if len(empty) > 1 else 'it'}.{hint} To train anyway "
+        "(e.g. on a tiny subset), set allow_empty_classes: true."
+    )
 
 
 def check_all(check: Callable[[Any], str | None], items: Sequence[Any], what: str) -> None:
@@ -343,6 +448,9 @@ class SegmentationDataModule(L.LightningDataModule):
         image_scale: rescale every image and mask of every split by this factor when it is read,
             before augmentation (e.g. 0.5 for quick studies at half resolution). Evaluation then
             happens at that resolution too: not comparable with full-resolution results.
+        allow_empty_classes: fit even when a declared class has no pixels in the training split
+            (checked with check_masks when a Trainer fits; e.g. tiny subsets for tests). Without
+            it that is an error: usually a mask format mix-up (binary 0/255 masks).
     """
 
     class_names: ClassVar[tuple[str, ...]] = ()
@@ -376,6 +484,7 @@ class SegmentationDataModule(L.LightningDataModule):
         predict_split: str = "test",
         gpu_resident: bool = False,
         image_scale: float = 1.0,
+        allow_empty_classes: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -404,6 +513,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if image_scale != 1.0 and gpu_resident:
             raise DataError("image_scale and gpu_resident cannot be combined; set image_scale: 1.0")
         self.image_scale = image_scale
+        self.allow_empty_classes = allow_empty_classes
         self.datasets: dict[str, Dataset] = {}
 
     # ---------------------------------------------------------------------- what the model sees
@@ -450,13 +560,22 @@ class SegmentationDataModule(L.LightningDataModule):
             if len(dataset) == 0:
                 raise DataError(f"{type(self).__name__}: the {split} split is empty")
             if self.check_masks and isinstance(dataset, SegmentationDataset):
-                verify_pairs(
-                    dataset.pairs,
-                    self.num_classes,
-                    self.ignore_index,
-                    self.label_map,
-                    f"{type(self).__name__} {split}",
+                what = f"{type(self).__name__} {split}"
+                summary = verify_pairs(
+                    dataset.pairs, self.num_classes, self.ignore_index, self.label_map, what
                 )
+                fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+                if split == "train" and fitting and summary and not self.allow_empty_classes:
+                    lut = self.label_map
+                    ignored = (
+                        [self.ignore_index]
+                        if lut is None
+                        else np.flatnonzero(lut == self.ignore_index)
+                    )
+                    check_classes_present(
+                        summary["class_pixels"], self.class_names, summary["raw_values"],
+                        list(ignored), what,
+                    )  # fmt: skip
             self.datasets[split] = dataset
 
     # ---------------------------------------------------------------------- loaders

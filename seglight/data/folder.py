@@ -14,10 +14,16 @@ classes.yaml:
     ignore_index: 255                       # optional: the mask value meaning "not labelled"
     ignore_colors: [[255, 255, 255]]        # optional: colours meaning "not labelled"
 
-Masks are either class indices (`mask_format: index`, single-channel PNGs, the default) or
+Masks are either class indices (`mask_format: index`, single-channel PNGs, the default),
+binary (`mask_format: binary`: two classes, 0 is class 0 and 1 or 255 is class 1), or
 colour-coded (`mask_format: rgb`), converted with the palette once into a cache of index masks
 (under $SEGLIGHT_CACHE; a changed mask is converted again). A colour that is in neither the
 palette nor ignore_colors is an error naming the file, the colour and its pixel count.
+
+Index masks: value i is class i, the `ignore_index` of classes.yaml (255 unless given) is
+"not labelled", and `value_map` maps other raw values to classes (e.g. `{255: 1}` for 0/255
+binary masks). Any other value is an error naming the file: with `ignore_index: 0`, a raw 255
+is an error, not silently ignored. A class with no pixels in the training split stops `fit`.
 
 Splits: the files in splits/ if that folder exists (lines may name a stem or a file; blank lines
 and # comments are skipped), else a seeded random split of all images into train / val / test
@@ -33,13 +39,34 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, find_pairs
-from seglight.data.camvid import void_to_ignore
+from seglight.data.base import (
+    INVALID,
+    SegmentationDataModule,
+    SegmentationDataset,
+    find_pairs,
+)
 from seglight.data.utils import cache_folder, decode_colour_masks
 from seglight.errors import ConfigError, DataError
 
 CLASSES_FILE = "classes.yaml"
-MASK_FORMATS = ("index", "rgb")
+MASK_FORMATS = ("index", "binary", "rgb")
+
+
+def index_lut(
+    num_classes: int,
+    raw_ignore: int | None,
+    value_map: dict[int, int] | None = None,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """The lookup table of index masks: raw value i < num_classes -> class i, `raw_ignore` ->
+    ignore_index, `value_map` raw -> class; every other raw value INVALID (an error if found)."""
+    lut = np.full(256, INVALID, dtype=np.int16)
+    lut[:num_classes] = np.arange(num_classes)
+    if raw_ignore is not None:
+        lut[raw_ignore] = ignore_index
+    for raw, cls in (value_map or {}).items():
+        lut[raw] = cls
+    return lut
 
 
 def read_classes_file(path: Path) -> dict[str, Any]:
@@ -99,6 +126,7 @@ def read_classes_file(path: Path) -> dict[str, Any]:
         "classes": classes,
         "palette": palette,
         "ignore_index": ignore_index,
+        "ignore_index_given": "ignore_index" in spec,
         "ignore_colors": ignore_colors,
     }
 
@@ -129,8 +157,11 @@ class Folder(SegmentationDataModule):
 
     Args:
         root: the folder holding classes.yaml, images/, masks/ and optionally splits/.
-        mask_format: "index" (single-channel class indices) or "rgb" (colour-coded masks,
-            converted with the palette of classes.yaml).
+        mask_format: "index" (single-channel class indices), "binary" (two classes: 0 is
+            class 0, 1 or 255 is class 1) or "rgb" (colour-coded masks, converted with the
+            palette of classes.yaml).
+        value_map: raw mask value -> class index, for index masks whose values are not the class
+            indices, e.g. {255: 1} for binary masks stored as 0/255.
         val_fraction: share of the images for validation when there is no splits/ folder.
         test_fraction: share of the images for testing when there is no splits/ folder.
         seed: seed of the random split.
@@ -143,6 +174,7 @@ class Folder(SegmentationDataModule):
         self,
         root: str,
         mask_format: str = "index",
+        value_map: dict[int, int] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         seed: int = 0,
@@ -170,9 +202,42 @@ class Folder(SegmentationDataModule):
         self.mask_format = mask_format
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.cache_dir = cache_dir
-        self.label_map = void_to_ignore(self.raw_ignore_index) if mask_format == "index" else None
+        self.value_map = self._check_value_map(value_map, mask_format, spec)
+        self.label_map = None
+        if mask_format != "rgb":
+            # a raw ignore value that value_map turns into a class is no longer "ignore"
+            raw_ignore = None if self.raw_ignore_index in self.value_map else self.raw_ignore_index
+            self.label_map = index_lut(self.num_classes, raw_ignore, self.value_map)
         self._pairs: dict[str, list[tuple[Path, Path]]] | None = None
         self.splits = tuple(s for s in ("train", "val", "test") if self._split_stems().get(s))
+
+    def _check_value_map(
+        self, value_map: dict[int, int] | None, mask_format: str, spec: dict[str, Any]
+    ) -> dict[int, int]:
+        where = self.root / CLASSES_FILE
+        if mask_format == "binary":
+            if len(self.class_names) != 2:
+                raise ConfigError(
+                    f"mask_format binary needs exactly 2 classes in {where}, got "
+                    f"{len(self.class_names)}: {list(self.class_names)}"
+                )
+            value_map = {255: 1, **(value_map or {})}
+        value_map = dict(value_map or {})
+        if value_map and mask_format == "rgb":
+            raise ConfigError("value_map applies to index masks; mask_format rgb uses the palette")
+        for raw, cls in value_map.items():
+            if not (isinstance(raw, int) and 0 <= raw <= 255):
+                raise ConfigError(f"value_map: raw mask values are 0..255, got {raw!r}")
+            if not (isinstance(cls, int) and 0 <= cls < len(self.class_names)):
+                raise ConfigError(
+                    f"value_map: {raw} -> {cls!r} is not a class index (0..{len(self.class_names) - 1})"
+                )
+        if spec["ignore_index_given"] and self.raw_ignore_index in value_map:
+            raise ConfigError(
+                f"value_map maps {self.raw_ignore_index} to a class, but {where} declares it "
+                "the ignore_index: remove one of the two"
+            )
+        return value_map
 
     def _all_pairs(self) -> list[tuple[Path, Path]]:
         missing = [d for d in ("images", "masks") if not (self.root / d).is_dir()]
@@ -182,7 +247,7 @@ class Folder(SegmentationDataModule):
                 f"(expected {CLASSES_FILE}, images/ and masks/ with files of the same stems)"
             )
         pairs = find_pairs(self.root / "images", self.root / "masks")
-        if self.mask_format == "index":
+        if self.mask_format != "rgb":
             self._check_single_channel(pairs[0][1])
         return pairs
 
