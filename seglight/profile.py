@@ -8,8 +8,10 @@ and biases are not counted (a few percent for these networks). So:
     GFLOPs (this table) = 2 x GMACs (multiply-accumulates, "multiply-adds").
 
 Papers differ: many segmentation papers' "FLOPs" are in fact multiply-adds (half of this
-column), others count 2 x MACs as here, and each at its own input size; compare with care. The
-`paper_gflops` of each model is the paper's figure as printed, and its docstring names the table.
+column), others count 2 x MACs as here, and each at its own input size, backbone and number of
+classes. So a model's `paper_cost` (a PaperCost) records the paper's figure together with that
+setting and unit, and `models --flops` puts beside it our count at the same setting, in the same
+unit; the docstring of each model names the table.
 
 The count runs the model once. On the "meta" device it is free of compute: `count_flops` runs on
 whatever device the model's parameters are on, and `model_cost` builds the model on "meta" first,
@@ -19,6 +21,8 @@ falling back to the CPU when a model cannot be built or run there.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -85,3 +89,33 @@ def model_cost(
         model = cls(**kwargs)
         flops = count_flops(model, input_size) if input_size is not None else None
         return count_parameters(model), flops
+
+
+@dataclass(frozen=True)
+class PaperCost:
+    """A paper's compute figure and the setting it was measured at.
+
+    Attributes:
+        value: the figure as printed.
+        unit: "GFLOPs" (2 x multiply-accumulates, as this module counts) or "GMACs"
+            (multiply-adds, billions).
+        size: the input (H, W).
+        num_classes: the classes of the paper's model.
+        options: the paper's model options where they differ from the defaults (e.g. its backbone).
+    """
+
+    value: float
+    unit: Literal["GFLOPs", "GMACs"]
+    size: tuple[int, int]
+    num_classes: int = 11
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def setting(self) -> str:
+        """E.g. "513x513, 21 classes, encoder=resnet101"."""
+        extra = "".join(f", {k}={v}" for k, v in self.options.items())
+        return f"{self.size[0]}x{self.size[1]}, {self.num_classes} classes{extra}"
+
+    def ours(self, cls: type[nn.Module]) -> float:
+        """Our count for `cls` at the paper's setting, in the paper's unit."""
+        _, flops = model_cost(cls, (1, 3, *self.size), num_classes=self.num_classes, **self.options)
+        return flops / (2e9 if self.unit == "GMACs" else 1e9)

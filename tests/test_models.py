@@ -1,8 +1,10 @@
-"""Every registered architecture: logits at the input size for odd sizes, backward to every
-parameter, train and eval modes, other input channel counts. New architectures are covered by
-registering them; these tests need no edit."""
+"""Every registered architecture: logits at the input size for odd sizes, an initial loss near
+ln(num_classes), backward to every parameter, train and eval modes, other input channel counts.
+New architectures are covered by registering them; these tests need no edit."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -33,7 +35,12 @@ def test_logits_at_input_size_and_backward_reaches_every_parameter(name, batch, 
     # the network may have outputs beyond the classes (GANSemiSeg's "fake"): compute_loss and
     # forward() see the classes
     assert logits.shape[0] == batch and logits.shape[2:] == (h, w)
-    loss = model.compute_loss(out, torch.randint(0, 5, (batch, h, w)))
+    mask = torch.randint(0, 5, (batch, h, w))
+    # the initial loss is near ln(num_classes): no init that inflates the logits (a ReLU-gain He
+    # init of a classifier, or fan-out on narrow layers, started at a loss of 7-30)
+    initial = torch.nn.functional.cross_entropy(logits[:, :5].detach(), mask)
+    assert initial < 1.5 * math.log(5), f"initial loss {initial:.2f} vs ln 5 = {math.log(5):.2f}"
+    loss = model.compute_loss(out, mask)
     loss.backward()
     # the segmentation network's parameters (a training method's other parts, such as CPS's
     # second network or a discriminator, are trained by its own losses)

@@ -14,6 +14,18 @@ from seglight.errors import ConfigError
 from seglight.utils import first_doc_line
 
 
+def _paper_cost_cells(cls: type) -> list[str]:
+    """[the paper's setting, our count there, the paper's figure] (units included), or dashes."""
+    cost = cls.paper_cost
+    if cost is None:
+        return ["-", "-", "-"]
+    try:
+        ours = f"{cost.ours(cls):.2f} {cost.unit}"
+    except Exception as e:  # noqa: BLE001 - show the row anyway
+        ours = f"error: {type(e).__name__}: {e}"
+    return [cost.setting(), ours, f"{cost.value:g} {cost.unit}"]
+
+
 def cmd_models(argv: list[str]) -> None:
     """List every architecture (or those named) with its parameters for 11 classes beside the
     paper's figures; `--flops` adds GFLOPs at `--size` (default 360x480), `--markdown` prints a
@@ -37,7 +49,7 @@ def cmd_models(argv: list[str]) -> None:
     h, w = args.size
     header = ["model", "params", "paper params"]
     if args.flops:
-        header += [f"GFLOPs {h}x{w}", "paper GFLOPs"]
+        header += [f"GFLOPs {h}x{w}", "paper's setting", "ours there", "paper"]
     header.append("description")
     rows = []
     for name in args.names or sorted(MODELS):
@@ -51,7 +63,7 @@ def cmd_models(argv: list[str]) -> None:
             ours = [f"error: {type(e).__name__}: {e}", ""]
         row = [name, ours[0], f"{cls.paper_params:g}M" if cls.paper_params else "-"]
         if args.flops:
-            row += [ours[1], f"{cls.paper_gflops:g}" if cls.paper_gflops else "-"]
+            row += [ours[1], *_paper_cost_cells(cls)]
         # the docstring's first paragraph: some summaries wrap onto a second line
         summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
         rows.append([*row, summary])
@@ -64,8 +76,9 @@ def cmd_models(argv: list[str]) -> None:
             print(
                 f"\nGFLOPs: one forward pass of a 1x3x{h}x{w} image, 2 FLOPs per multiply-"
                 "accumulate, convolutions and matrix products only (torch.utils.flop_counter). "
-                "Paper figures as printed, at each paper's own input size; papers often count "
-                "multiply-adds (half of these FLOPs)."
+                "Paper figures as printed, in the paper's unit (GMACs: multiply-adds, half of "
+                "the FLOPs), beside our count at the paper's own setting (input size, classes, "
+                "backbone) in the same unit."
             )
         return
     from rich.console import Console

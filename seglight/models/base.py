@@ -36,6 +36,7 @@ from seglight.losses import (
     set_class_weights,
 )
 from seglight.metrics import segmentation_metrics
+from seglight.profile import PaperCost
 
 MODELS: dict[str, type[SegmentationModel]] = {}
 
@@ -119,7 +120,7 @@ class SegmentationModel(L.LightningModule):
     #: the paper's figures for its reference configuration, for `seglight models`: parameters in
     #: millions and GFLOPs (None where the paper gives none); the docstring names the table
     paper_params: ClassVar[float | None] = None
-    paper_gflops: ClassVar[float | None] = None
+    paper_cost: ClassVar[PaperCost | None] = None  # the paper's FLOPs and their setting
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -31,7 +31,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import TimmEncoder, init_weights, resize_to
+from seglight.nn import TimmEncoder, init_classifier, init_weights, resize_to
 from seglight.nn.vgg import VGG16, VGG16_NAMES, VGGFC, load_vgg16_weights
 
 
@@ -98,7 +98,7 @@ class DeepLabVGGNetwork(nn.Module):
         init_weights(self.heads)
         for head in self.heads:  # score layers: N(0, 0.01) as in the prototxts
             score = head[-1] if isinstance(head, nn.Sequential) else head
-            nn.init.normal_(score.weight, std=0.01)
+            init_classifier(score, std=0.01)
         if vgg:
             fcs = [head[0] for head in self.heads] if head_channels else []
             load_vgg16_weights(self.encoder, encoder_weights, fcs)

@@ -49,8 +49,9 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, resize_to
+from seglight.nn import ConvNormAct, TimmEncoder, init_classifier, init_weights, resize_to
 from seglight.nn.context import ContextKind, build_context, conv3x3
+from seglight.profile import PaperCost
 
 
 def scale_rates(rates: Sequence[int], output_stride: int) -> tuple[int, ...]:
@@ -124,7 +125,7 @@ class DeepLabV3Network(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self.context)
-        init_weights(self.classifier)
+        init_classifier(self.classifier)
 
     def decode(self, x: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         """DeepLabv3 has no decoder: the logits are upsampled bilinearly (x16 at OS 16)."""
@@ -190,8 +191,8 @@ class DeepLabV3PlusNetwork(DeepLabV3Network):
 class DeepLabV3(SegmentationModel):
     """DeepLabv3 (Chen et al. 2017): dilated encoder + ASPP (or another context module).
 
-    paper_gflops: multiply-adds of the ResNet-101 model at output stride 16 on a 513x513 image,
-    from DeepLabv3+ Table 3 (first row); see the module docstring.
+    paper_cost: 81.02 G multiply-adds of the ResNet-101 model (21 classes) at output stride 16
+    on a 513x513 image, from DeepLabv3+ Table 3 (first row); see the module docstring.
 
     Args:
         encoder: any timm model name (default resnet50; the paper: resnet101).
@@ -204,7 +205,7 @@ class DeepLabV3(SegmentationModel):
 
     #: the plain network this module builds (DeepLabV3Plus swaps in its own)
     network: ClassVar[type[DeepLabV3Network]] = DeepLabV3Network
-    paper_gflops = 81.02
+    paper_cost = PaperCost(81.02, "GMACs", (513, 513), 21, {"encoder": "resnet101"})
 
     def __init__(
         self,
@@ -232,8 +233,8 @@ class DeepLabV3(SegmentationModel):
 class DeepLabV3Plus(DeepLabV3):
     """DeepLabv3+ (Chen et al. 2018): DeepLabv3 + a decoder on the stride-4 features.
 
-    paper_gflops: multiply-adds of the paper's ResNet-101 model at output stride 16 on a 513x513
-    image (Table 3); see the module docstring.
+    paper_cost: 101.28 G multiply-adds of the paper's ResNet-101 model (21 classes) at output
+    stride 16 on a 513x513 image (Table 3); see the module docstring.
 
     Args:
         encoder: any timm model name (default resnet50; the paper: resnet101 or xception65).
@@ -245,4 +246,4 @@ class DeepLabV3Plus(DeepLabV3):
     """
 
     network = DeepLabV3PlusNetwork
-    paper_gflops = 101.28
+    paper_cost = PaperCost(101.28, "GMACs", (513, 513), 21, {"encoder": "resnet101"})

@@ -44,7 +44,8 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import init_weights, pad_or_crop_to
+from seglight.nn import init_classifier, init_weights, pad_or_crop_to
+from seglight.profile import PaperCost
 
 #: stages 2 and 3 of Table 1 after bottleneck2.0: (kind, dilation)
 STAGE_2_3 = [
@@ -210,6 +211,7 @@ class ENetNetwork(nn.Module):
         self.stage5 = Bottleneck(16)
         self.fullconv = nn.ConvTranspose2d(16, num_classes, kernel_size=2, stride=2)
         init_weights(self)
+        init_classifier(self.fullconv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])
@@ -228,12 +230,13 @@ class ENetNetwork(nn.Module):
 class ENet(SegmentationModel):
     """ENet (Paszke et al. 2016): a real-time encoder-decoder of bottlenecks, 0.37M parameters.
 
-    paper_params and paper_gflops: Table 3 of the paper (GFLOPs for a 3x640x360 input).
+    paper_params and paper_cost: Table 3 of the paper (GFLOPs, i.e. 2 x multiply-adds as its
+    SegNet figure shows, for a 3x640x360 input).
     The network has no options: Table 1 fixes it.
     """
 
     paper_params: ClassVar[float | None] = 0.37
-    paper_gflops: ClassVar[float | None] = 3.83
+    paper_cost = PaperCost(3.83, "GFLOPs", (360, 640))
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -39,7 +39,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import DenseBlock, DenseLayer, init_weights, pad_or_crop_to
+from seglight.nn import DenseBlock, DenseLayer, init_classifier, init_weights, pad_or_crop_to
 
 FCDENSENET103_LAYERS = [4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4]
 
@@ -122,7 +122,10 @@ class FCDenseNetNetwork(nn.Module):
             self.up_blocks.append(block)
             new_channels = n * growth_rate
         self.head = nn.Conv2d(block.out_channels, num_classes, kernel_size=1)
-        init_weights(self)
+        # He-uniform, fan-in (HeUniform, as the authors' Lasagne code): fan-out on the 16-channel
+        # dense layers after hundreds of inputs made the initial logits' std ~22
+        init_weights(self, mode="fan_in", uniform=True)
+        init_classifier(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.first_conv(x)

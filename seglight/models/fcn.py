@@ -38,7 +38,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import TimmEncoder, init_weights
+from seglight.nn import TimmEncoder, init_classifier, init_weights
 from seglight.nn.vgg import VGG16, VGG16_NAMES, VGGFC, BilinearUpsample, load_vgg16_weights
 
 SKIPS = {32: 0, 16: 1, 8: 2}
@@ -92,8 +92,7 @@ class FCNNetwork(nn.Module):
             ]
             channels = [self.encoder.channels[i] for i in self.levels]
         self.score = nn.Conv2d(channels[-1], num_classes, 1)  # score_fr
-        nn.init.normal_(self.score.weight, std=0.01)
-        nn.init.zeros_(self.score.bias)
+        init_classifier(self.score, std=0.01)  # N(0, 0.01), as the released FCN prototxts
         skips = SKIPS[stride]
         # score_pool4, score_pool3 (deep to shallow), zero-initialised as in the paper
         self.skip_scores = nn.ModuleList(

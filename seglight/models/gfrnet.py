@@ -1,33 +1,37 @@
 """G-FRNet (Islam, Rochan, Bruce and Wang, CVPR 2017, "Gated Feedback Refinement Network for
-Dense Image Labeling").
+Dense Image Labeling"), as in the authors' released CamVid model (mrochan/gfrnet,
+models/camvid/train_camvid_gate.prototxt), which settles what the paper's Sec. 3 and figure
+leave open:
 
-Following the paper's Sec. 3 and its architecture figure: an encoder (VGG16's 13 convolutions,
-the paper's) gives feature maps f1..f6 at strides 1, 2, 4, 8, 16 and 32 (here conv1_2, conv2_2,
-conv3_3, conv4_3, conv5_3 and pool5: 224 -> 7 as in the figure). A 3x3 convolution of the
-deepest map gives the coarse label map P_G (stride 32). Then, from deep to shallow, each step
-refines the label map:
+- encoder: VGG16 with BatchNorm after every convolution, and dropout 0.5 after pool3, pool4 and
+  pool5; its maps f1..f6 are conv1_2, conv2_2, conv3_3, conv4_3, conv5_3 and pool5 (strides 1 to
+  32);
+- conv6 and conv7: two 3x3 convolutions to 1024 channels after pool5, each with BN, ReLU and
+  dropout 0.5; the coarse label map P_G (stride 32) is a 3x3 convolution of conv7;
+- gate units, from deep to shallow: the shallower map f_i goes through a 3x3 convolution
+  straight to one channel per class and BN; the deeper input is the previous gate's such
+  branch (for the first gate, a 3x3 convolution of pool5 to the class count, without BN),
+  upsampled bilinearly to f_i's size; the two are multiplied element-wise and normalised (BN):
+  the deeper, more discriminative features gate which shallow details pass;
+- gated refinement units: the gate's output concatenated with the previous label map upsampled
+  to its size, and a 3x3 convolution to the refined label map (stride 16, 8, 4, 2, 1).
 
-- gate unit: the shallower map f_i and the next-deeper f_i+1 each go through a 3x3 conv-BN-ReLU
-  to the channels of f_i; the deeper one is upsampled to f_i's size and the two are multiplied
-  element-wise (M_f = v_i * u_i+1): the deeper, more discriminative features gate which shallow
-  details are passed on;
-- gated refinement unit: a 3x3 conv-BN of the gate's output to one channel per class,
-  concatenated with the previous label map upsampled (bilinear, x2) to its size, and a 3x3
-  convolution to the refined label map.
+Every label map is supervised, each upsampled to the labels' size with equal loss weights (as the
+released prototxt does; hence ``aux_weight: 1.0``). Weights are initialised as the prototxt's
+"msra" fillers (He, fan-in), biases zero, except the six convolutions that produce label maps:
+PyTorch's default (seglight's classifier init, so that training starts at a loss near
+ln(classes); with the msra filler it starts ~35% higher).
 
-Where the paper leaves a detail implicit (which VGG maps feed the gates, the gate's channel
-count) the choice is the one stated here.
+Deviation: the released conv7 has no padding (pool5's 12x15 map of a 360x480 image becomes 10x13,
+then is stretched to conv5_3's 23x30); here it is padded ("same"), which keeps the coarse map
+aligned with pool5 and lets inputs smaller than 96 pixels through. Parameters are unchanged: for
+11 classes 29,194,090, the released model's count exactly (VGG16-BN 14.73M, conv6/conv7 14.16M,
+gates and refinement units 0.30M; the paper gives no count).
 
-The last label map (stride 1) is the output; in training the coarser ones (P_G and the
-intermediate maps, 5 in all) are returned as ``aux`` for deep supervision. The paper sums the
-stage losses with equal weights, hence ``aux_weight: 1.0`` by default here; the paper compares each
-map with the labels downsampled to its size, seglight's base class upsamples the map to the
-labels instead. Parameters for 11 classes: 26.69M (VGG16's convolutions 14.71M, gate units
-11.77M, refinement units and coarse classifier 0.21M; the paper gives no count). Gate channels follow the shallower map, capped at 512 (VGG16's widest,
-so the paper's network is unchanged) to keep wide timm encoders affordable.
-
-``encoder: <timm model>`` (e.g. resnet50): its feature pyramid replaces f1..f6 (strides 2..32
-for most; the final map is then upsampled to the input size).
+``encoder: vgg16`` drops the encoder's BatchNorm (the paper's plain VGG16: ImageNet weights for
+it are the paper's initialisation). ``encoder: <timm model>`` (e.g. resnet50): its feature
+pyramid replaces f1..f6, without the encoder dropout (usually strides 2..32; the final map is
+then upsampled to the input size).
 """
 
 from __future__ import annotations
@@ -36,33 +40,34 @@ import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, resize_to
-from seglight.nn.vgg import VGG16, VGG16_NAMES, load_vgg16_weights
+from seglight.nn import TimmEncoder, init_classifier, init_weights, resize_to
+from seglight.nn.vgg import VGG16, VGG16_NAMES, VGGConv, load_vgg16_weights
+
+#: the released encoder's dropout after pool3, pool4 and pool5 (0-based stage indices)
+ENCODER_DROPOUT_AFTER = (2, 3, 4)
+
+
+def conv_bn(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (with bias, as Caffe's) -> BN: [B, in, h, w] -> [B, out, h, w]."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels)
+    )
 
 
 class GateUnit(nn.Module):
-    """[B, C_i, h, w] and [B, C_i+1, h/2, w/2] -> gated features [B, channels, h, w]."""
+    """Shallow map [B, C_i, h, w] and the deeper gate branch [B, K, h', w'] -> (gated features
+    [B, K, h, w], this gate's branch [B, K, h, w] for the next, shallower gate)."""
 
-    def __init__(self, shallow_channels: int, deep_channels: int, channels: int) -> None:
+    def __init__(self, shallow_channels: int, num_classes: int) -> None:
         super().__init__()
-        self.shallow = ConvNormAct(shallow_channels, channels)
-        self.deep = ConvNormAct(deep_channels, channels)
+        self.shallow = conv_bn(shallow_channels, num_classes)
+        self.norm = nn.BatchNorm2d(num_classes)
 
-    def forward(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        return self.shallow(shallow) * resize_to(self.deep(deep), shallow.shape[-2:])
-
-
-class RefinementUnit(nn.Module):
-    """Gated features [B, C, h, w] and the coarser label map [B, K, h', w'] -> [B, K, h, w]."""
-
-    def __init__(self, channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.reduce = ConvNormAct(channels, num_classes, act=False)
-        self.refine = nn.Conv2d(2 * num_classes, num_classes, 3, padding=1)
-
-    def forward(self, gated: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = resize_to(labels, gated.shape[-2:])
-        return self.refine(torch.cat([self.reduce(gated), labels], dim=1))
+    def forward(
+        self, shallow: torch.Tensor, deep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        branch = self.shallow(shallow)
+        return self.norm(branch * resize_to(deep, branch.shape[-2:])), branch
 
 
 class GFRNetNetwork(nn.Module):
@@ -72,61 +77,73 @@ class GFRNetNetwork(nn.Module):
     Args:
         num_classes: output classes.
         in_channels: input channels.
-        encoder: "vgg16" (the paper's), "vgg16_bn", or any timm model name.
+        encoder: "vgg16_bn" (the released model's), "vgg16", or any timm model name.
         encoder_weights: null, "imagenet", a file or a URL.
-        max_gate_channels: cap on the gate units' channels (512: VGG16's widest).
+        dropout: the dropout of the encoder (after pool3-5) and of conv6/conv7 (0.5 released).
     """
 
     def __init__(
         self,
         num_classes: int,
         in_channels: int = 3,
-        encoder: str = "vgg16",
+        encoder: str = "vgg16_bn",
         encoder_weights: str | None = None,
-        max_gate_channels: int = 512,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         if encoder in VGG16_NAMES:
             self.encoder = VGG16(in_channels, batch_norm=encoder == "vgg16_bn")
-            init_weights(self.encoder)
+            init_weights(self.encoder, mode="fan_in")
             load_vgg16_weights(self.encoder, encoder_weights)
             channels = [*self.encoder.channels, self.encoder.channels[-1]]  # + pool5
         else:
             self.encoder = TimmEncoder(encoder, encoder_weights, in_channels)
             channels = self.encoder.channels
-        self.coarse = nn.Conv2d(channels[-1], num_classes, 3, padding=1)
-        # deep to shallow: gate i fuses feature i with feature i + 1
-        levels = range(len(channels) - 2, -1, -1)
-        self.gates = nn.ModuleList(
-            GateUnit(channels[i], channels[i + 1], min(channels[i], max_gate_channels))
-            for i in levels
+        self.encoder_dropout = nn.Dropout(dropout)
+        self.fc = nn.Sequential(
+            VGGConv(channels[-1], 1024, batch_norm=True),
+            nn.Dropout(dropout),
+            VGGConv(1024, 1024, batch_norm=True),
+            nn.Dropout(dropout),
         )
+        self.coarse = nn.Conv2d(1024, num_classes, 3, padding=1)
+        self.deepest = nn.Conv2d(channels[-1], num_classes, 3, padding=1)  # the first gate's
+        # deep to shallow: gate i refines with feature i (channels[-2], ..., channels[0])
+        self.gates = nn.ModuleList(GateUnit(c, num_classes) for c in reversed(channels[:-1]))
         self.refinements = nn.ModuleList(
-            RefinementUnit(min(channels[i], max_gate_channels), num_classes) for i in levels
+            nn.Conv2d(2 * num_classes, num_classes, 3, padding=1) for _ in self.gates
         )
-        init_weights(self.coarse)
-        init_weights(self.gates)
-        init_weights(self.refinements)
+        for module in (self.fc, self.deepest, self.gates):
+            init_weights(module, mode="fan_in")  # the prototxt's "msra" filler
+        for conv in (self.coarse, *self.refinements):  # the label maps (see the docstring)
+            init_classifier(conv)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder maps, shallow to deep (VGG16: conv1_2, ..., conv5_3, pool5)."""
+        """Encoder maps, shallow to deep (VGG16: conv1_2, ..., conv5_3, pool5 after dropout)."""
         if not isinstance(self.encoder, VGG16):
             return self.encoder(x)
         features = []
-        for stage, pool in zip(self.encoder.stages, self.encoder.pools, strict=True):
+        for i, (stage, pool) in enumerate(
+            zip(self.encoder.stages, self.encoder.pools, strict=True)
+        ):
             x = stage(x)
             features.append(x)
             x = pool(x)
+            if i in ENCODER_DROPOUT_AFTER:
+                x = self.encoder_dropout(x)
         return [*features, x]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict:
         size = x.shape[-2:]
         features = self.features(x)
-        labels = [self.coarse(features[-1])]
-        for i, gate, refine in zip(
-            range(len(features) - 2, -1, -1), self.gates, self.refinements, strict=True
+        labels = [self.coarse(self.fc(features[-1]))]
+        deep = self.deepest(features[-1])
+        for shallow, gate, refine in zip(
+            reversed(features[:-1]), self.gates, self.refinements, strict=True
         ):
-            labels.append(refine(gate(features[i], features[i + 1]), labels[-1]))
+            gated, deep = gate(shallow, deep)
+            coarser = resize_to(labels[-1], gated.shape[-2:])
+            labels.append(refine(torch.cat([gated, coarser], dim=1)))
         out = resize_to(labels[-1], size)
         if self.training:
             return {"out": out, "aux": labels[:-1]}
@@ -134,24 +151,26 @@ class GFRNetNetwork(nn.Module):
 
 
 class GFRNet(SegmentationModel):
-    """G-FRNet (Islam et al. 2017): VGG16 encoder, gate units and gated refinement units giving
-    coarse-to-fine label maps, all supervised.
+    """G-FRNet (Islam et al. 2017): VGG16-BN encoder, conv6/conv7, gate units and gated
+    refinement units giving coarse-to-fine label maps, all supervised (the released CamVid model).
 
-    No parameter or FLOP figure in the paper (26.69M here for 11 classes).
+    Parameters for 11 classes: 29,194,090, as the released train_camvid_gate.prototxt; the paper
+    gives no parameter or FLOP figure.
 
     Args:
-        encoder: "vgg16" (the paper's), "vgg16_bn", or any timm model name (e.g. resnet50).
-        encoder_weights: null (from scratch), "imagenet", a weights file or a URL. The paper
-            initialises the encoder from ImageNet VGG16.
-        max_gate_channels: cap on the gate units' channels (512 leaves VGG16's unchanged).
-        aux_weight: weight of each coarser label map's loss (1.0: the paper's equal weights).
+        encoder: "vgg16_bn" (the released model's), "vgg16" (the paper's text), or any timm
+            model name (e.g. resnet50).
+        encoder_weights: null (from scratch), "imagenet", a weights file or a URL. The authors
+            initialise the encoder from ImageNet VGG16.
+        dropout: dropout after pool3-5 and after conv6/conv7 (0.5, the released model's).
+        aux_weight: weight of each coarser label map's loss (1.0: the released equal weights).
     """
 
     def __init__(
         self,
-        encoder: str = "vgg16",
+        encoder: str = "vgg16_bn",
         encoder_weights: str | None = None,
-        max_gate_channels: int = 512,
+        dropout: float = 0.5,
         aux_weight: float = 1.0,
         **kwargs,
     ) -> None:
@@ -161,5 +180,5 @@ class GFRNet(SegmentationModel):
             self.in_channels,
             encoder=encoder,
             encoder_weights=encoder_weights,
-            max_gate_channels=max_gate_channels,
+            dropout=dropout,
         )

@@ -36,7 +36,15 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_or_crop_to, resize_to
+from seglight.nn import (
+    ConvNormAct,
+    TimmEncoder,
+    init_classifier,
+    init_weights,
+    pad_or_crop_to,
+    resize_to,
+)
+from seglight.profile import PaperCost
 
 
 def full_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Module:
@@ -112,6 +120,7 @@ class LinkNetNetwork(nn.Module):
         )
         init_weights(self.decoder)
         init_weights(self.classifier)
+        init_classifier(self.classifier[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])
@@ -127,7 +136,8 @@ class LinkNetNetwork(nn.Module):
 class LinkNet(SegmentationModel):
     """LinkNet (Chaurasia and Culurciello 2017): ResNet-18 encoder, light decoder, added skips.
 
-    paper_params and paper_gflops: the paper's Table 2 (see the module docstring).
+    paper_params and paper_cost: the paper's Table 2 (GFLOPs at 640x360, as ENet's Table 3
+    which it extends; see the module docstring).
 
     Args:
         encoder: any timm model name (resnet18 in the paper).
@@ -136,7 +146,7 @@ class LinkNet(SegmentationModel):
     """
 
     paper_params: ClassVar[float | None] = 11.5
-    paper_gflops: ClassVar[float | None] = 21.2
+    paper_cost = PaperCost(21.2, "GFLOPs", (360, 640))
 
     def __init__(
         self, encoder: str = "resnet18", encoder_weights: str | None = None, **kwargs

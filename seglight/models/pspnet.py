@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, resize_to
+from seglight.nn import ConvNormAct, TimmEncoder, init_classifier, init_weights, resize_to
 from seglight.nn.context import PyramidPooling
 
 
@@ -77,6 +77,9 @@ class PSPNetNetwork(nn.Module):
         for module in (self.ppm, self.classifier, self.aux_head):
             if module is not None:
                 init_weights(module)
+        for head in (self.classifier, self.aux_head):
+            if head is not None:
+                init_classifier(head[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         size = tuple(x.shape[-2:])

@@ -38,7 +38,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, init_weights, resize_to
+from seglight.nn import ConvNormAct, init_classifier, init_weights, resize_to
 from seglight.nn.vgg import (
     VGG16,
     VGG16_CHANNELS,
@@ -46,6 +46,7 @@ from seglight.nn.vgg import (
     BilinearUpsample,
     load_vgg16_weights,
 )
+from seglight.profile import PaperCost
 
 Upsampling = Literal["unpool", "bilinear", "transpose"]
 
@@ -138,7 +139,7 @@ class SegNetNetwork(nn.Module):
         self.decoder = nn.ModuleList(stages)
         self.classifier = nn.Conv2d(VGG16_CHANNELS[0], num_classes, 3, padding=1)
         init_weights(self.decoder)
-        init_weights(self.classifier)
+        init_classifier(self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = encode_decode(x, self.encoder.stages, self.encoder.pools, self.upsamples, self.decoder)
@@ -189,7 +190,7 @@ class SegNetBasicNetwork(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_weights(self.encoder)
         init_weights(self.decoder)
-        init_weights(self.classifier)
+        init_classifier(self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = encode_decode(
@@ -201,9 +202,9 @@ class SegNetBasicNetwork(nn.Module):
 class SegNet(SegmentationModel):
     """SegNet (Badrinarayanan et al. 2017): VGG16-BN encoder, max-unpooling decoder.
 
-    paper_params / paper_gflops: 29.46M and 286.03 GFLOPs at 640x360 (CamVid's 11 classes; as
-    quoted by ENet's Table 3, Paszke et al. 2016: the SegNet paper gives neither).
-    seglight's count at 640x360 is 284.6 GFLOPs.
+    paper_params / paper_cost: 29.46M and 286.03 GFLOPs (2 x multiply-adds) at 640x360
+    (CamVid's 11 classes; as quoted by ENet's Table 3, Paszke et al. 2016: the SegNet paper gives
+    neither). seglight's count at 640x360 is 284.6 GFLOPs.
 
     Args:
         encoder_weights: null (from scratch), "imagenet", a weights file or a URL for the VGG16-BN
@@ -213,7 +214,7 @@ class SegNet(SegmentationModel):
     """
 
     paper_params = 29.46
-    paper_gflops = 286.03
+    paper_cost = PaperCost(286.03, "GFLOPs", (360, 640))
 
     def __init__(
         self,

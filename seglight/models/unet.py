@@ -24,7 +24,14 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import DoubleConv, TimmEncoder, init_weights, pad_or_crop_to, resize_to
+from seglight.nn import (
+    DoubleConv,
+    TimmEncoder,
+    init_classifier,
+    init_weights,
+    pad_or_crop_to,
+    resize_to,
+)
 
 Upsampling = Literal["transpose", "nearest", "bilinear"]
 
@@ -175,7 +182,7 @@ class UNetNetwork(nn.Module):
         self.decoder = UNetDecoder(self.encoder.channels, list(decoder_channels), upsampling, norm)
         self.head = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=1)
         init_weights(self.decoder)
-        init_weights(self.head)
+        init_classifier(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])

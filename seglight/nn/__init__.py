@@ -1,6 +1,13 @@
 """Building blocks shared by the architectures in seglight.models."""
 
-from seglight.nn.blocks import ConvNormAct, DoubleConv, init_weights, pad_or_crop_to, resize_to
+from seglight.nn.blocks import (
+    ConvNormAct,
+    DoubleConv,
+    init_classifier,
+    init_weights,
+    pad_or_crop_to,
+    resize_to,
+)
 from seglight.nn.context import ASPP, KernelSharingASPP, PyramidPooling, SeparableConv2d
 from seglight.nn.dense import DenseBlock, DenseLayer
 from seglight.nn.encoders import EncoderWeightsError, TimmEncoder
@@ -15,6 +22,7 @@ __all__ = [
     "DenseLayer",
     "DoubleConv",
     "EncoderWeightsError",
+    "init_classifier",
     "init_weights",
     "KernelSharingASPP",
     "load_vgg16_weights",

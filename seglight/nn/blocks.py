@@ -80,13 +80,37 @@ def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") ->
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
-def init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs (fan_out, ReLU), unit norms, zero biases: the usual from-scratch init."""
+def init_weights(module: nn.Module, mode: str = "fan_out", uniform: bool = False) -> None:
+    """He (Kaiming) convs for ReLU, unit norms, zero biases: the usual from-scratch init.
+
+    Args:
+        module: every Conv2d / ConvTranspose2d / BatchNorm2d / GroupNorm inside it is reset.
+        mode: "fan_out" (torchvision's ResNets) or "fan_in" (He et al.'s derivation for the
+            forward pass; Caffe's "msra" filler and Keras' HeUniform): fan-out on a layer with
+            few outputs (e.g. a 16-channel dense layer after hundreds of inputs) inflates the
+            activations by sqrt(fan_in / fan_out).
+        uniform: He-uniform instead of He-normal (the same variance).
+    """
+    init = nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            init(m.weight, mode=mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_classifier(conv: nn.Conv2d | nn.ConvTranspose2d, std: float | None = None) -> None:
+    """A classifier (the convolution producing the logits): PyTorch's default init (uniform,
+    std = 1 / sqrt(3 fan_in), i.e. gain 1/3 of He's variance), or N(0, std) with zero bias when
+    `std` is given (FCN's and DeepLab's prototxts: 0.01). Either way the logits start small and
+    the initial loss near ln(num_classes), whatever the features' scale; a ReLU-gain He init
+    there gave logits of std ~2-20 and an initial loss of 4-30."""
+    if std is None:
+        conv.reset_parameters()
+        return
+    nn.init.normal_(conv.weight, 0.0, std)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)

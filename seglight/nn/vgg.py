@@ -51,8 +51,9 @@ class BilinearUpsample(nn.ConvTranspose2d):
         channels: input = output channels.
         factor: upsampling factor.
         trainable: learn the filter (a full channels x channels transposed convolution, FCN's
-            intermediate upsampling); if False, a fixed per-channel (depthwise) interpolation with
-            no trainable parameter (FCN's final upsampling).
+            intermediate upsampling); if False, a fixed per-channel (depthwise) interpolation:
+            its filter is a buffer, not a parameter (FCN's final upsampling), so parameter counts
+            and optimisers do not see it.
 
     Shapes: [B, C, h, w] -> [B, C, factor*h, factor*w], or [B, C, *size] when `size` is given
     (cropped bottom/right, which keeps the top-left alignment; replicate-padded if short).
@@ -69,7 +70,10 @@ class BilinearUpsample(nn.ConvTranspose2d):
             groups=1 if trainable else channels,
             bias=False,
         )
-        self.weight.requires_grad_(trainable)
+        if not trainable:  # a constant: kept in the state dict under the same name
+            weight = self.weight.detach()
+            del self.weight
+            self.register_buffer("weight", weight)
 
     def reset_parameters(self) -> None:
         # called by ConvTranspose2d.__init__: the bilinear filter on the diagonal, zeros elsewhere
