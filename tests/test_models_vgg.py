@@ -44,8 +44,19 @@ def test_aspp_and_gfrnet_counts_follow_from_their_parts():
     # ASPP-L: LargeFOV plus three more fc6 (3x3, 512 -> 1024) / fc7 (1024 -> 1024) / score heads
     head = (512 * 9 + 1) * 1024 + (1024 + 1) * 1024 + (1024 + 1) * 11
     assert count("DeepLabASPP", 11) == count("DeepLabLargeFOV", 11) + 3 * head
-    # G-FRNet: VGG16's 13 convolutions (14.71M) + gates and refinement units
-    assert 26.0e6 < count("GFRNet", 11) < 27.5e6
+    # G-FRNet: the released train_camvid_gate.prototxt (mrochan/gfrnet) has 29,194,090 (its
+    # convolutions' weights and biases and its BN layers' scales and shifts, counted layer by
+    # layer): VGG16-BN, conv6/conv7 (3x3, 1024, BN), gates and refinements to 11 channels
+    assert count("GFRNet", 11) == 29_194_090
+    vgg16_bn = sum(p.numel() for p in GFRNetNetwork(11).encoder.parameters())
+    conv67 = (512 * 9 + 1) * 1024 + (1024 * 9 + 1) * 1024 + 2 * 2 * 1024
+    assert count("GFRNet", 11) - vgg16_bn - conv67 == (
+        (1024 * 9 + 1) * 11  # the coarse map from conv7
+        + (512 * 9 + 1) * 11  # pool5's branch of the first gate (no BN)
+        + sum((c * 9 + 1) * 11 + 2 * 11 for c in (512, 512, 256, 128, 64))  # gates' conv + BN
+        + 5 * 2 * 11  # BN after each gate's product
+        + 5 * ((22 * 9 + 1) * 11)  # refinement convs
+    )
 
 
 def ramp(h: int, w: int, channels: int = 3) -> torch.Tensor:
@@ -183,6 +194,10 @@ def test_gfrnet_returns_coarse_to_fine_label_maps_in_training():
     model = MODELS["GFRNet"](num_classes=4)
     assert model.hparams.aux_weight == 1.0  # the paper's equal stage weights
     net = model.net.train()
+    # the released model: VGG16-BN encoder, dropout 0.5 after pool3-5 and after conv6/conv7
+    assert net.encoder.timm_name == "vgg16_bn" and net.encoder_dropout.p == 0.5
+    assert [m.p for m in net.fc if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+    assert all(g.shallow[0].out_channels == 4 for g in net.gates)  # straight to the classes
     out = net(torch.randn(1, 3, 45, 61))
     assert out["out"].shape == (1, 4, 45, 61)
     # pool5 (stride 32), then conv5_3, conv4_3, conv3_3, conv2_2 sizes; conv1_2's is the output

@@ -13,6 +13,7 @@ from torch import nn
 from seglight.commands.listings import cmd_models
 from seglight.errors import ConfigError
 from seglight.models import GCN, MODELS, UNet
+from seglight.nn import BilinearUpsample
 from seglight.profile import count_flops, count_parameters, model_cost, parse_size
 
 
@@ -77,7 +78,9 @@ def test_models_flops_markdown_command(capsys):
         "params",
         "paper params",
         "GFLOPs 64x96",
-        "paper GFLOPs",
+        "paper's setting",
+        "ours there",
+        "paper",
         "description",
     ]
     assert rows[1][:2] == ["---", "---:"]
@@ -113,3 +116,38 @@ def test_flops_scale_with_the_input_area():
     small = count_flops(model, (1, 3, 32, 32))
     assert count_flops(model, (1, 3, 64, 64)) == 4 * small
     assert torch.is_grad_enabled()
+
+
+def test_paper_flops_are_compared_at_the_papers_setting_and_unit(capsys):
+    """DeepLabv3's 81.02 is multiply-adds of the ResNet-101 model at 513x513 (21 classes): ours is
+    counted there, in GMACs, not at --size with the default backbone in GFLOPs."""
+    cmd_models(["DeepLabV3", "ENet", "UNet", "--flops", "--size", "64x96", "--markdown"])
+    rows = _markdown_rows(capsys.readouterr().out)
+    table = {r[0]: dict(zip(rows[0], r, strict=True)) for r in rows[2:]}
+    v3 = table["DeepLabV3"]
+    assert v3["paper's setting"] == "513x513, 21 classes, encoder=resnet101"
+    assert v3["paper"] == "81.02 GMACs"
+    _, flops = model_cost(
+        MODELS["DeepLabV3"], (1, 3, 513, 513), num_classes=21, encoder="resnet101"
+    )
+    assert v3["ours there"] == f"{flops / 2e9:.2f} GMACs"
+    enet = table["ENet"]  # ENet's Table 3: GFLOPs (2 x multiply-adds) at 640x360
+    assert enet["paper's setting"] == "360x640, 11 classes" and enet["paper"] == "3.83 GFLOPs"
+    _, flops = model_cost(MODELS["ENet"], (1, 3, 360, 640), num_classes=11)
+    assert enet["ours there"] == f"{flops / 1e9:.2f} GFLOPs"
+    assert table["UNet"]["paper"] == table["UNet"]["ours there"] == "-"  # no figure: no column
+
+
+def test_fixed_bilinear_filters_are_buffers_not_parameters():
+    fixed = BilinearUpsample(4, 8, trainable=False)
+    assert not list(fixed.parameters()) and "weight" in dict(fixed.named_buffers())
+    assert "weight" in fixed.state_dict()  # checkpoints keep it under the same name
+    learned = BilinearUpsample(4, 2, trainable=True)
+    assert [n for n, _ in learned.named_parameters()] == ["weight"]
+    # FCN-32s: its only upsampling is the fixed x32 one, so no parameter of it is counted
+    net = MODELS["FCN32s"](num_classes=3).net
+    buffers = sum(
+        b.numel() for m in net.modules() if isinstance(m, BilinearUpsample) for b in m.buffers()
+    )
+    assert buffers == 3 * 64 * 64
+    assert count_parameters(net) == sum(p.numel() for p in net.parameters() if p.requires_grad)
