@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.callbacks import RichModelSummary as _RichModelSummary
@@ -19,7 +21,14 @@ from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from seglight.utils import atomic_write_json, default_palette, git_revision
+from seglight.errors import DivergenceError
+from seglight.utils import (
+    atomic_open,
+    atomic_write_json,
+    default_palette,
+    git_revision,
+    remove_stale_temporaries,
+)
 
 
 def _scalar(value: Any) -> float | None:
@@ -32,10 +41,16 @@ class MetricsSummary(L.Callback):
     (rank zero):
 
     {"model": ..., "data": ..., "params": ..., "git": {...}, "val": {metric: value}, "best_val":
-    {... of the epoch with the best val/mIoU}, "test": {...}, "epoch": ..., "step": ...,
+    {... of the epoch with the best val/mIoU}, "epoch": ..., "step": ...,
     "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss"} for each validation],
     "throughput": {"train_images_per_s", "train_images", "train_seconds"},
-    "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...]}
+    "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...],
+    "evaluations": [{"stage", "checkpoint", "checkpoint_epoch", "checkpoint_step", "inference",
+    "config", "time", "metrics"} for each validate / test / predict]}
+
+    Only `fit` writes the training record (val, best_val, epoch, step, history); `validate`,
+    `test` and `predict` append to "evaluations" and never change it (their config is saved as
+    config_<stage>_<n>.yaml beside the fit's config.yaml).
 
     A small, stable summary for comparing runs without W&B (`python -m seglight compare`).
     Written atomically. Throughput counts the training batches after the first of each epoch
@@ -51,6 +66,7 @@ class MetricsSummary(L.Callback):
         self._last: float | None = None
         self._memory: dict[str, Any] = {}
         self._hooks: Any = None
+        self._checkpoint: dict[str, Any] = {}  # epoch and step of a loaded checkpoint
 
     # ----------------------------------------------------------------------------- throughput
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -149,6 +165,12 @@ class MetricsSummary(L.Callback):
         if not values:
             return
         summary = _read_summary(trainer)
+        if trainer.state.fn != "fit":  # an evaluation: recorded beside the training record
+            summary.setdefault("evaluations", []).append(
+                self._evaluation(trainer, pl_module, values)
+            )
+            self._save(trainer, pl_module, summary)
+            return
         summary[stage] = values
         if stage == "val":
             epoch, step = trainer.current_epoch, trainer.global_step
@@ -163,8 +185,43 @@ class MetricsSummary(L.Callback):
                 summary["history"] = [*history, {**point, "epoch": epoch, "step": step}]
         self._save(trainer, pl_module, summary)
 
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._checkpoint = {k: checkpoint.get(k) for k in ("epoch", "global_step")}
+
+    def _evaluation(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """One entry of "evaluations": what was evaluated, how, when, and the result."""
+        import dataclasses
+        from datetime import datetime, timezone
+
+        inference = getattr(pl_module, "inference", None)
+        checkpoint = self._checkpoint
+        record = {
+            "stage": str(trainer.state.fn.value),  # validate, test, predict
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "checkpoint_epoch": checkpoint.get("epoch"),
+            "checkpoint_step": checkpoint.get("global_step"),
+            "inference": dataclasses.asdict(inference)
+            if dataclasses.is_dataclass(inference)
+            else None,
+            "config": getattr(trainer, EVALUATION_CONFIG_ATTR, None),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if values is not None:
+            record["metrics"] = values
+        return record
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._update(trainer, pl_module, "val")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            summary = _read_summary(trainer)
+            summary.setdefault("evaluations", []).append(self._evaluation(trainer, pl_module, None))
+            self._save(trainer, pl_module, summary)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._update(trainer, pl_module, "test")
@@ -172,6 +229,11 @@ class MetricsSummary(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:  # throughput and memory, also for a fit without validation
             self._save(trainer, pl_module, _read_summary(trainer))
+
+
+#: the Trainer attribute where the CLI notes the config file of an evaluation (validate, test,
+#: predict): config_<stage>_<n>.yaml in the run directory
+EVALUATION_CONFIG_ATTR = "seglight_config_file"
 
 
 def _summary_path(trainer: L.Trainer) -> Path:
@@ -194,12 +256,218 @@ def _batch_size(batch: Any) -> int | None:
 
 class ModelCheckpoint(_ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving to <run dir>/checkpoints by default (so that
-    `--ckpt_path last` finds the run's last.ckpt whatever logger is used)."""
+    `--ckpt_path last` finds the run's last.ckpt whatever logger is used), and with `save_last`
+    rewriting last.ckpt after every validation (or training epoch, when there is no validation),
+    whether the monitored metric improved or not: last.ckpt always holds the latest state, for
+    `--ckpt_path last`. (Lightning 2.6 rewrites it only when a top-k checkpoint was saved at the
+    same step, i.e. only on improvement; tests/test_resume.py pins the behaviour we rely on.)"""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_due(trainer, at_train_epoch_end=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_due(trainer, at_train_epoch_end=False)
+
+    def _save_last_if_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
+        # `_should_skip_saving_checkpoint` is also true when Lightning saved at this step already
+        if (
+            self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save checkpoint IO, writing local files through
+    seglight.utils.atomic_open (a temporary file beside the checkpoint, fsync, rename): a kill at
+    any moment leaves the previous checkpoint or the new one, never a truncated file, and nothing
+    in $TMPDIR. Remote paths (s3://, ...) keep Lightning's own writer."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        remove_stale_temporaries(path)  # left by a killed writer (only rank zero writes)
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+class SafeCheckpoints(L.Callback):
+    """Makes every checkpoint of a run safe to resume from, exactly:
+
+    - checkpoints are written atomically (AtomicCheckpointIO replaces Lightning's default IO);
+    - the global random states (torch, CUDA, numpy, Python) of every rank are saved in the
+      checkpoint and restored when training resumes from it, so dropout and any other draw in
+      the training step continue the same streams (the data order and augmentation are a
+      function of the seed, epoch and position; seglight.data.base.ResumableSampler).
+
+    Added by SegmentationModel.configure_callbacks, so every run has it (CLI or Trainer).
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, int]] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        # only Lightning's default writer is replaced: a configured one (async, remote) is kept
+        if type(getattr(strategy, "_checkpoint_io", None) or TorchCheckpointIO()) is (
+            TorchCheckpointIO
+        ):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def state_dict(self) -> dict[str, Any]:
+        states = [rng_states()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # rank zero writes the checkpoint: it keeps every rank's streams (a collective:
+            # Lightning builds the checkpoint on every rank)
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = loop.get("combined_loader")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resume_loader(trainer)
+        # restored here, after the sanity check and the loaders' start, right before the first
+        # training step: what ran in between draws nothing from these generators
+        if self._loaded is None:
+            return
+        states = self._loaded.get("rng") or []
+        if len(states) == trainer.world_size:
+            set_rng_states(states[trainer.global_rank])
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} processes, this run has "
+                f"{trainer.world_size}: they are not restored (the run continues, not bit-exactly)"
+            )
+        self._loaded = None
+
+    def _resume_loader(self, trainer: L.Trainer) -> None:
+        """Continue the training loader mid-epoch where the checkpoint left it.
+
+        Lightning restores a loader's state only if the loader starts after the checkpoint is
+        loaded; SegmentationModel.configure_optimizers asks for `estimated_stepping_batches`,
+        which starts it before. So the state is applied here and the loader's iterator started
+        again (a checkpoint at the end of an epoch needs nothing: the next epoch starts anew)."""
+        from seglight.data.base import ResumableLoader
+
+        states, self._loader_states = self._loader_states, None
+        loader = trainer.train_dataloader
+        if not states or not isinstance(loader, ResumableLoader) or states[0].get("epoch_done"):
+            return
+        loader.load_state_dict(states[0])
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global random states, as tensors and plain values (loadable with
+    torch.load(weights_only=True))."""
+    import random
+
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    import random
+
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class NonFiniteLossCheck(L.Callback):
+    """Stops training with a DivergenceError naming the first step whose training loss was NaN or
+    infinite, before that model is validated or checkpointed.
+
+    The check costs no host sync per step: each step folds `isfinite(loss)` into a flag on the
+    device; the flag is read back (one sync) every `trainer.log_every_n_steps` steps, before
+    each validation and before each checkpoint is written. A diverged model therefore never
+    replaces last.ckpt or the best checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad: torch.Tensor | None = None  # first non-finite step, -1 while none
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        step = trainer.global_step  # already counts this step's optimiser step
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()).all() & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, step, self._first_bad)
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.check(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: L.Trainer) -> None:
+        """Raise DivergenceError if a training loss so far was not finite (one host sync)."""
+        if self._first_bad is None:
+            return
+        first = int(self._first_bad)
+        if first < 0:
+            return
+        raise DivergenceError(
+            f"the training loss became NaN or infinite at training step {first} (counting from 1; "
+            f"seen in epoch {trainer.current_epoch}): training stopped, and no checkpoint of the "
+            "diverged model was written. Lower --model.lr (or warm up: --model.warmup_steps), "
+            "or check the data"
+        )
 
 
 class RichProgressBar(_RichProgressBar):

@@ -64,3 +64,7 @@ def user_error(exc: BaseException | None) -> SeglightError | None:
     """The SeglightError behind `exc`, if any (jsonargparse re-raises errors from constructors as
     ValueErrors chained to the original)."""
     return find_cause(exc, SeglightError)
+
+
+class DivergenceError(SeglightError, RuntimeError):
+    """Training produced a non-finite loss (too high a learning rate, bad data, overflow)."""

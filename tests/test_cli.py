@@ -74,7 +74,9 @@ def test_test_prints_per_class_table_and_matches_an_independent_count(trained):
     assert (
         "test per-class IoU" in proc.stdout and "Bicyclist" in proc.stdout and "mIoU" in proc.stdout
     )
-    reported = json.loads((out_dir / "metrics.json").read_text())["test"]
+    (evaluation,) = json.loads((out_dir / "metrics.json").read_text())["evaluations"]
+    assert evaluation["stage"] == "test" and evaluation["checkpoint"] == str(ckpt)
+    reported = evaluation["metrics"]
 
     # independent computation: run the checkpoint ourselves and count with numpy
     from seglight.data import CamVid

@@ -28,8 +28,10 @@ def test_ddp_fit_and_validation_match_single_process(tmp_path):
             "--data.val_batch_size", "1", "--trainer.default_root_dir", str(single_dir))],
         cwd=tmp_path,
     )  # fmt: skip
-    single = json.loads((single_dir / "metrics.json").read_text())["val"]
-    for key in ("mIoU", "acc", "mAcc", *(k for k in single if k.startswith("IoU/"))):
+    (evaluation,) = json.loads((single_dir / "metrics.json").read_text())["evaluations"]
+    single = evaluation["metrics"]
+    # val/loss too: the mean over every sample of every rank (not rank 0's share only)
+    for key in ("mIoU", "acc", "mAcc", "loss", *(k for k in single if k.startswith("IoU/"))):
         if single[key] is None:
             assert ddp[key] is None, key
         else:

@@ -15,9 +15,10 @@ Python API (used by the notebooks):
     plot_curves(runs, "miou_curves.png")
     report(runs, out="results/")   # all of the above, plus runs.csv and runs.md
 
-Metrics are read from one section of metrics.json for all runs (`source`): "test", "best_val"
-(the validation with the best mIoU), or "val" (the last validation); "auto" takes the first of
-these that every run has.
+Metrics are read from one section of metrics.json for all runs (`source`): "test" (the newest
+`seglight test` evaluation of the run, whose checkpoint the table names), "best_val" (the
+validation with the best mIoU during fit), or "val" (the last validation of fit); "auto" takes
+the first of these that every run has.
 """
 
 from __future__ import annotations
@@ -67,8 +68,24 @@ class Run:
         return cls(path=path, config=flat, metrics=metrics, name=str(name))
 
     def scores(self, source: str) -> dict[str, Any]:
-        """The metrics of one section ("test", "best_val", "val"): {"mIoU": ..., "IoU/<class>": ...}."""
+        """The metrics of one section ("test", "best_val", "val"): {"mIoU": ..., "IoU/<class>": ...}.
+        "test" is the newest test evaluation (`evaluations` in metrics.json; a top-level "test",
+        as metrics.json had before evaluations were recorded, otherwise)."""
+        if source == "test" and self.test_evaluation is not None:
+            return self.test_evaluation.get("metrics") or {}
         return self.metrics.get(source) or {}
+
+    @property
+    def test_evaluation(self) -> dict[str, Any] | None:
+        """The newest `seglight test` of this run: {"checkpoint", "metrics", "time", ...}."""
+        tests = [e for e in self.metrics.get("evaluations") or [] if e.get("stage") == "test"]
+        return tests[-1] if tests else None
+
+    @property
+    def test_checkpoint(self) -> str | None:
+        """The file name of the checkpoint that the newest test evaluated."""
+        checkpoint = (self.test_evaluation or {}).get("checkpoint")
+        return Path(checkpoint).name if checkpoint else None
 
     def per_class(self, source: str) -> dict[str, float | None]:
         """Per-class IoU, {class name: IoU or None when the class was absent}, in the dataset's
@@ -254,6 +271,9 @@ def table_rows(
     short = short_names(keys)
     columns = ["run", *(short[k] for k in keys), "mIoU %", "mAcc %", "acc %", "params (M)"]
     columns += ["train img/s", "act. MB"]
+    tested = source == "test" and any(run.test_checkpoint for run in runs)
+    if tested:
+        columns.append("test checkpoint")
     peak = any("peak_cuda_mb" in run.memory for run in runs)
     if peak:
         columns.append("peak CUDA MB")
@@ -265,6 +285,8 @@ def table_rows(
         row.append("-" if run.params is None else f"{run.params / 1e6:.3f}")
         row.append("-" if run.throughput is None else f"{run.throughput:.1f}")
         row.append(_megabytes(run.memory.get("activations_mb")))
+        if tested:
+            row.append(run.test_checkpoint or "-")
         if peak:
             row.append(_megabytes(run.memory.get("peak_cuda_mb")))
         rows.append(row)

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -29,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 import seglight.data  # noqa: F401  (registers the datasets)
 import seglight.methods  # noqa: F401  (registers the training methods)
 import seglight.models  # noqa: F401  (registers the architectures)
+from seglight.callbacks import EVALUATION_CONFIG_ATTR
 from seglight.config import (
     check_class_names,
     experiment_name,
@@ -39,14 +41,28 @@ from seglight.config import (
 from seglight.data.base import DATASETS, SegmentationDataModule
 from seglight.errors import ConfigError
 from seglight.models.base import MODELS, SegmentationModel
-from seglight.utils import first_doc_line, git_revision
+from seglight.utils import atomic_write_text, first_doc_line, git_revision
 
 RUN_DIR_ENV = "SEGLIGHT_RUN_DIR"
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves config.yaml in the run directory and logs the resolved config (flattened), the git
+    """Saves the resolved config in the run directory, config.yaml for `fit` and
+    config_<stage>_<n>.yaml for `validate`, `test` and `predict` (the n-th of that stage: an
+    evaluation never overwrites the training config), and logs it (flattened), the git
     revision, and the architecture and dataset as tags to every logger (W&B's run config)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes its TrainerFn enum
+        if stage != "fit" and self.save_to_log_dir and not self.already_saved:
+            log_dir = Path(trainer.log_dir)  # the same on every rank (Lightning broadcasts it)
+            n = 1
+            while (log_dir / f"config_{stage}_{n}.yaml").exists():
+                n += 1
+            self.config_filename = trainer.strategy.broadcast(f"config_{stage}_{n}.yaml")
+            self.overwrite = False
+            setattr(trainer, EVALUATION_CONFIG_ATTR, self.config_filename)  # for metrics.json
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -130,19 +146,23 @@ def new_run_dir(base: Path) -> Path:
             n += 1
 
 
-def find_checkpoint(base: Path, which: str) -> Path:
-    """The newest run's last.ckpt ("last"), or the best checkpoint recorded in it ("best")."""
+def find_checkpoint(base: Path, which: str, run_dir: bool = False) -> Path:
+    """The newest run's last.ckpt ("last"), or the best checkpoint recorded in it ("best"): the
+    newest of base/version_*/checkpoints/last.ckpt, or with `run_dir` base/checkpoints/last.ckpt
+    (`--trainer.default_root_dir` names the run directory itself)."""
+    runs = [base] if run_dir else _versions(base)
     lasts = sorted(
         (
             p / "checkpoints" / "last.ckpt"
-            for p in _versions(base)
+            for p in runs
             if (p / "checkpoints" / "last.ckpt").is_file()
         ),
         key=lambda p: p.stat().st_mtime,
     )
     if not lasts:
+        where = f"{base}/checkpoints/" if run_dir else f"{base}/version_*/checkpoints/"
         raise ConfigError(
-            f"--ckpt_path {which}: no checkpoint found under {base}/version_*/checkpoints/ "
+            f"--ckpt_path {which}: no checkpoint found under {where} "
             "(train this experiment first, from this directory, or pass a checkpoint's path)"
         )
     if which == "last":
@@ -156,6 +176,60 @@ def find_checkpoint(base: Path, which: str) -> Path:
             if best.is_file():
                 return best
     raise ConfigError(f"--ckpt_path best: {lasts[-1]} records no best checkpoint that still exists")
+
+
+# ------------------------------------------------------------------------------- multi-process runs
+#: environment variables in which launchers (torchrun, srun, Lightning, jsrun) give a process
+#: its rank; any of them non-zero means "not the process that decides the run directory"
+RANK_VARIABLES = (
+    "RANK",
+    "SLURM_PROCID",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "JSM_NAMESPACE_RANK",
+)
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0 by its launcher's environment (True without one)."""
+    return all(os.environ.get(v, "0") in ("", "0") for v in RANK_VARIABLES)
+
+
+def slurm_launch_key() -> str | None:
+    """ "<job id>.<step id>" when Lightning manages this process as a SLURM task (srun), else None.
+    A requeued job keeps its job and step ids, so it finds its run directory again (and
+    Lightning its hpc_ckpt_*.ckpt there)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect() or not os.environ.get("SLURM_JOB_ID"):
+        return None
+    return f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+
+
+def slurm_run_dir(base: Path, key: str) -> Path | None:
+    """The run directory that SLURM launch `key` recorded under `base`, if it still exists."""
+    marker = base / ".slurm" / key
+    try:
+        run_dir = Path(marker.read_text().strip())
+    except OSError:
+        return None
+    return run_dir if run_dir.is_dir() else None
+
+
+class RunDirectorySync(L.Callback):
+    """Makes every process of a multi-process run use rank 0's run directory.
+
+    Under torchrun or srun every process parses the command line on its own; only rank 0
+    reserves runs/<experiment>/version_N (the others cannot know N: they would reserve their own).
+    Once the process group exists (the Trainer's setup, before anything is written), rank 0's
+    directory is broadcast and every rank adopts it. Callbacks that write into it (checkpoints,
+    config, metrics) set up after this one."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        run_dir = trainer.strategy.broadcast(str(trainer.default_root_dir), src=0)
+        trainer._default_root_dir = run_dir  # noqa: SLF001 - Lightning keeps it here
+        os.environ[RUN_DIR_ENV] = run_dir
 
 
 # ------------------------------------------------------------------------------- the CLI
@@ -220,19 +294,27 @@ class SeglightCLI(LightningCLI):
     def _setup_run_dir(self, config, subcommand: str) -> None:
         name = self.experiment or str(config.model.class_path).rsplit(".", 1)[-1].lower()
         base = Path("runs") / name
+        root = config.trainer.get("default_root_dir")
         ckpt = config.get("ckpt_path")
         if ckpt in ("last", "best"):
-            ckpt = str(find_checkpoint(base, ckpt))
+            ckpt = str(find_checkpoint(Path(root) if root else base, ckpt, run_dir=bool(root)))
             config.ckpt_path = ckpt
             print(f"seglight: --ckpt_path resolved to {ckpt}", file=sys.stderr)
         elif ckpt and not Path(ckpt).is_file():
             raise ConfigError(f"--ckpt_path: no such file {ckpt!r}")
         if ckpt:
             self._check_checkpoint(config, ckpt)
-        if config.trainer.get("default_root_dir"):
-            run_dir = Path(config.trainer.default_root_dir)
+        slurm = slurm_launch_key() if subcommand == "fit" and not ckpt else None
+        if root:
+            run_dir = Path(root)
         elif os.environ.get(RUN_DIR_ENV) and os.environ.get("LOCAL_RANK") not in (None, "0"):
             run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker: use the launcher's directory
+        elif slurm and slurm_run_dir(base, slurm):
+            run_dir = slurm_run_dir(base, slurm)  # a requeued SLURM job: continue its run
+        elif not launched_as_rank_zero() and not ckpt:
+            # torchrun/srun started this process on its own: rank 0 reserves the directory and
+            # RunDirectorySync hands it over once the process group exists
+            run_dir = base
         elif (
             ckpt
             and Path(ckpt).parent.name == "checkpoints"
@@ -243,6 +325,8 @@ class SeglightCLI(LightningCLI):
             ).parent.parent  # resume or evaluate in the run that made the checkpoint
         else:
             run_dir = new_run_dir(base)
+            if slurm:
+                atomic_write_text(base / ".slurm" / slurm, f"{run_dir}\n")
         config.trainer.default_root_dir = str(run_dir)
         os.environ[RUN_DIR_ENV] = str(run_dir)
 
@@ -315,6 +399,8 @@ class SeglightCLI(LightningCLI):
             )
         self._check_data()
         self._configure_threads()
+        # first, so that callbacks writing into the run directory set up in rank 0's
+        self.trainer.callbacks.insert(0, RunDirectorySync())
         run_dir = self.trainer.default_root_dir
         from seglight.loggers import WandbLogger, wandb_run_id
 

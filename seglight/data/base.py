@@ -31,7 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seglight.data.transforms import (
     IMAGENET_MEAN,
@@ -603,7 +603,10 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         sampler = None
         trainer = self.trainer
-        if not train and trainer is not None and trainer.world_size > 1:
+        collate_fn = self.collate_fn()
+        if train:
+            return self._train_loader(dataset, batch_size, collate_fn)
+        if trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the split by repeating samples so that
             # every rank gets as many; that would count them twice in the metrics. This one does not.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -614,13 +617,43 @@ class SegmentationDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=train and len(dataset) > batch_size,
-            collate_fn=self.collate_fn(),
+            collate_fn=collate_fn,
+            generator=torch.Generator(),  # nothing random: do not draw from the global one
+        )
+
+    def _train_loader(
+        self, dataset: Dataset, batch_size: int, collate_fn: Callable
+    ) -> ResumableLoader:
+        """The shuffled, augmented training loader, exactly resumable (ResumableSampler)."""
+        trainer = self.trainer
+        rank, world, epoch, progress = 0, 1, 0, None
+        if trainer is not None:
+            # the epoch this loader starts in: the one Lightning gives the samplers (right also
+            # when resuming, where trainer.current_epoch is not updated yet)
+            loop = trainer.fit_loop
+            rank, world = trainer.global_rank, trainer.world_size
+            epoch = loop.epoch_progress.current.processed
+            batches = loop.epoch_loop.batch_progress
+
+            def progress() -> tuple[int, bool]:
+                return batches.current.processed, batches.is_last_batch
+
+        seed = loader_seed()
+        return ResumableLoader(
+            SeededSamples(dataset),
+            batch_size=batch_size,
+            sampler=ResumableSampler(dataset, seed, world, rank, epoch),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(dataset) > batch_size,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
         )
 
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -638,6 +671,98 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_split, self.val_batch_size, train=False)
+
+
+# --------------------------------------------------------------------------------- exact resume
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of `epoch`'s order (well mixed, 63 bits)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation of (`seed`, epoch), this rank's share of it (as
+    torch's DistributedSampler, which it is, so Lightning keeps it under DDP), each index paired
+    with its sample's augmentation seed, a function of (seed, epoch, position).
+
+    Everything random about an epoch's batches is thus a function of the seed, the epoch and
+    the position: not of the loader workers (how many, which one loads what, persistent or not)
+    nor of the global random state. A run resumed mid-epoch skips the batches it has seen
+    (`skip`) and gets exactly the rest. Without a Trainer calling `set_epoch`, each full pass
+    moves to the next epoch.
+    """
+
+    def __init__(
+        self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, epoch: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.epoch = epoch
+        self.skip = 0  # samples of this epoch already consumed (set when resuming)
+        self.pass_epoch = epoch  # the epoch of the latest pass
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # this rank's share: positions rank, rank + W, ...
+        epoch, skip = self.epoch, self.skip
+        self.pass_epoch, self.skip = epoch, 0
+        for k in range(skip, len(indices)):
+            yield indices[k], sample_seed(self.seed, epoch, self.rank + k * self.num_replicas)
+        self.epoch = epoch + 1  # a full pass; Lightning's set_epoch sets it anyway
+
+
+class SeededSamples(Dataset):
+    """`dataset`, indexed by (index, seed) pairs (ResumableSampler's): each sample is loaded and
+    augmented with torch's global generator seeded with its own seed, then the generator is put
+    back as it was (the loader's process draws nothing from it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader over a ResumableSampler, with the `state_dict` /
+    `load_state_dict` by which Lightning resumes it mid-epoch: {"seed", "epoch", "batches",
+    "epoch_done"} (the batches consumed in that epoch and whether it ended, from `progress`, the
+    Trainer's count). Its own `generator` keeps it from drawing from the global generator when
+    it starts (worker seeds)."""
+
+    def __init__(
+        self, *args: Any, progress: Callable[[], tuple[int, bool]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        batches, done = self.progress() if self.progress is not None else (0, False)
+        return {
+            "seed": sampler.seed, "epoch": sampler.pass_epoch, "batches": int(batches),
+            "epoch_done": int(done),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        sampler.seed = int(state["seed"])
+        if state.get("epoch_done"):  # saved after the epoch's last batch: start the next one
+            sampler.epoch, sampler.skip = int(state["epoch"]) + 1, 0
+        else:
+            sampler.epoch = int(state["epoch"])
+            sampler.skip = int(state["batches"]) * (self.batch_size or 1)
+
+
+def loader_seed() -> int:
+    """The base seed of the training order and augmentation: the run's seed (seed_everything's
+    PL_GLOBAL_SEED), so a resumed run gets the same one; else a draw from torch's generator."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed not in (None, "") else int(torch.randint(0, 2**62, ()))
 
 
 class _Collate:

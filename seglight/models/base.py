@@ -25,6 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from seglight.ema import EMA
 from seglight.errors import ConfigError
@@ -180,6 +181,11 @@ class SegmentationModel(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: segmentation_metrics(num_classes, ignore_index) for stage in ("val", "test")}
         )
+        # the evaluation losses' means, weighted by batch size and summed over DDP ranks (every
+        # sample counted once, as in one process); not in the state dict
+        self.loss_means = nn.ModuleDict(
+            {stage: MeanMetric(nan_strategy="disable") for stage in ("val", "test")}
+        )
         self.net: nn.Module  # set by the subclass
         self.ema: EMA | None = None  # created from self.net by _ensure_ema
 
@@ -288,7 +294,8 @@ class SegmentationModel(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> dict:
         scores = self.predict_scores(batch, stage)
         loss = self.criterion(scores, batch["mask"])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["mask"]))
+        self.loss_means[stage].update(loss.detach(), weight=len(batch["mask"]))
+        self.log(f"{stage}/loss", self.loss_means[stage], on_step=False, on_epoch=True)
         pred = scores.argmax(1)
         self.metrics[stage].update(pred, batch["mask"])
         return {"pred": pred}
@@ -449,9 +456,16 @@ class SegmentationModel(L.LightningModule):
     def configure_callbacks(self) -> list:
         # every run writes metrics.json (and predict writes masks), whatever callbacks the config
         # lists; a PredictionWriter configured there (own output_dir, overlays) is kept
-        from seglight.callbacks import MetricsSummary, PredictionWriter
+        from seglight.callbacks import (
+            MetricsSummary,
+            NonFiniteLossCheck,
+            PredictionWriter,
+            SafeCheckpoints,
+        )
 
-        callbacks: list = [MetricsSummary()]
+        # also: checkpoints written atomically with the random states (exact resume), and a
+        # stop with a clear error at a NaN/Inf training loss
+        callbacks: list = [MetricsSummary(), SafeCheckpoints(), NonFiniteLossCheck()]
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             callbacks.append(PredictionWriter())
         return callbacks
