@@ -131,7 +131,7 @@ def test_a_kill_while_last_ckpt_is_written_leaves_the_previous_one_whole(tmp_pat
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-3000:]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and last["global_step"] == 2
-    assert not list(tmpdir.iterdir())
+    assert not [p for p in tmpdir.rglob("*") if p.is_file()]  # (W&B leaves empty folders)
     (stale,) = (run / "checkpoints").glob(".last.ckpt.*.tmp")  # the killed write's own file
     # the next write of last.ckpt (rank zero's) replaces it and removes the leftover
     AtomicCheckpointIO().save_checkpoint({"x": torch.ones(2)}, run / "checkpoints" / "last.ckpt")

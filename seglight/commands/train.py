@@ -287,7 +287,8 @@ class SeglightCLI(LightningCLI):
                 config.model.init_args.get("num_classes") if config.get("model") else None
             )
             self._setup_run_dir(config, subcommand)
-            # an evaluation of a run writes config_test.yaml beside it, never over the fit's
+            # an evaluation of a run writes its config beside the fit's, never over it
+            # (LoggerSaveConfigCallback numbers them: config_test_1.yaml, config_test_2.yaml, ...)
             filename = "config.yaml" if subcommand == "fit" else f"config_{subcommand}.yaml"
             self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": filename}
 

@@ -487,6 +487,9 @@ class SegmentationDataModule(L.LightningDataModule):
         allow_empty_classes: bool = False,
     ) -> None:
         super().__init__()
+        # `download: true` runs on global rank 0 alone, the other ranks (of every node) waiting:
+        # multi-node runs read the data from a filesystem they share (README, "Several nodes")
+        self.prepare_data_per_node = False
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if crop_size is not None and (len(crop_size) != 2 or min(crop_size) < 1):

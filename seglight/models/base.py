@@ -294,8 +294,7 @@ class SegmentationModel(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> dict:
         scores = self.predict_scores(batch, stage)
         loss = self.criterion(scores, batch["mask"])
-        self.loss_means[stage].update(loss.detach(), weight=len(batch["mask"]))
-        self.log(f"{stage}/loss", self.loss_means[stage], on_step=False, on_epoch=True)
+        self.loss_means[stage].update(loss.detach(), weight=len(batch["mask"]))  # logged at the end
         pred = scores.argmax(1)
         self.metrics[stage].update(pred, batch["mask"])
         return {"pred": pred}
@@ -316,6 +315,8 @@ class SegmentationModel(L.LightningModule):
         values = self.metrics[stage].compute()  # synced across ranks by torchmetrics
         self.metrics[stage].reset()
         logs = {f"{stage}/{k}": values[k] for k in ("mIoU", "acc", "mAcc")}
+        logs[f"{stage}/loss"] = self.loss_means[stage].compute()  # synced likewise
+        self.loss_means[stage].reset()  # (also after the sanity check's few batches)
         for name, iou in zip(self.class_names, values["IoU"], strict=True):
             logs[f"{stage}/IoU/{name}"] = iou
         # values are identical on every rank already: no further sync
