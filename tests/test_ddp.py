@@ -29,8 +29,12 @@ def test_ddp_fit_and_validation_match_single_process(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     (evaluation,) = json.loads((single_dir / "metrics.json").read_text())["evaluations"]
-    single = evaluation["metrics"]
-    # val/loss too: the mean over every sample of every rank (not rank 0's share only)
+    assert_same_metrics(ddp, evaluation["metrics"])
+
+
+def assert_same_metrics(ddp: dict, single: dict) -> None:
+    """mIoU, accuracies, per-class IoU and val/loss (the mean over every sample of every rank,
+    not rank 0's share only) equal one process's."""
     for key in ("mIoU", "acc", "mAcc", "loss", *(k for k in single if k.startswith("IoU/"))):
         if single[key] is None:
             assert ddp[key] is None, key

@@ -12,7 +12,10 @@ import sys
 
 import pytest
 from conftest import REPO, make_fake_camvid, run_cli
+from test_ddp import assert_same_metrics
 from test_resume import enet
+
+from seglight.commands.train import RUN_DIR_ENV
 
 
 def free_port() -> int:
@@ -62,9 +65,51 @@ def test_two_nodes_write_one_run_directory_with_metrics_of_all_ranks(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     (evaluation,) = json.loads((single / "metrics.json").read_text())["evaluations"]
-    one = evaluation["metrics"]
-    for key in ("mIoU", "acc", "mAcc", "loss", *(k for k in one if k.startswith("IoU/"))):
-        if one[key] is None:
-            assert two_nodes[key] is None, key
-        else:
-            assert two_nodes[key] == pytest.approx(one[key], abs=1e-6), key
+    assert_same_metrics(two_nodes, evaluation["metrics"])
+
+
+def setup_run_dir(ckpt_path: str | None = None) -> str:
+    """The run directory that `seglight fit` (ENet) picks in this process's environment."""
+    from jsonargparse import Namespace
+
+    from seglight.commands.train import SeglightCLI
+
+    config = Namespace(
+        model=Namespace(class_path="seglight.models.ENet"),
+        trainer=Namespace(default_root_dir=None),
+        ckpt_path=ckpt_path,
+    )
+    cli = SeglightCLI.__new__(SeglightCLI)  # the run-directory logic only, no parsing
+    cli.experiment = "enet"
+    cli._setup_run_dir(config, "fit")
+    return config.trainer.default_root_dir
+
+
+def test_only_rank_zero_reserves_a_run_directory_and_slurm_requeues_find_theirs(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    # torchrun: a rank other than 0 reserves nothing (RunDirectorySync hands rank 0's over)
+    monkeypatch.setenv("RANK", "1")
+    assert setup_run_dir() == "runs/enet"
+    assert not list((tmp_path / "runs" / "enet").glob("version_*"))
+    monkeypatch.setenv("RANK", "0")
+    assert setup_run_dir() == "runs/enet/version_0"
+    monkeypatch.delenv("RANK")
+
+    # srun: rank 0 records its directory under the job and step ids ...
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+             "SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}  # fmt: skip
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    assert setup_run_dir() == "runs/enet/version_1"
+    # ... where the other ranks, and the requeued job (same ids), find it
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert setup_run_dir() == "runs/enet/version_1"
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv(RUN_DIR_ENV, "")  # a new process
+    assert setup_run_dir() == "runs/enet/version_1"
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: another run
+    assert setup_run_dir() == "runs/enet/version_2"

@@ -7,7 +7,10 @@ What this adds to LightningCLI:
   first, so experiment files are short deltas over it (seglight.config);
 - the data's num_classes, class_names, ignore_index and in_channels are linked into the model;
 - a run directory per run, runs/<experiment>/version_N (config.yaml, checkpoints/, metrics.json,
-  W&B files), and `--ckpt_path last|best` resolved to the newest run of that experiment;
+  W&B files), and `--ckpt_path last|best` resolved to the newest run of that experiment (or to
+  the run in --trainer.default_root_dir); under torchrun/srun only rank 0 reserves it and the
+  other ranks adopt it (RunDirectorySync); a requeued SLURM job finds its own again;
+- evaluations (validate/test/predict) save config_<stage>_<n>.yaml, never over fit's config.yaml;
 - bf16 mixed precision chosen automatically on a GPU when trainer.precision is not set;
 - errors caused by the input are printed as one short message, not a traceback.
 """
@@ -197,7 +200,8 @@ def launched_as_rank_zero() -> bool:
 
 
 def slurm_launch_key() -> str | None:
-    """ "<job id>.<step id>" when Lightning manages this process as a SLURM task (srun), else None.
+    """The key "<job id>.<step id>" when Lightning manages this process as a SLURM task (srun),
+    else None.
     A requeued job keeps its job and step ids, so it finds its run directory again (and
     Lightning its hpc_ckpt_*.ckpt there)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -312,10 +316,6 @@ class SeglightCLI(LightningCLI):
             run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP worker: use the launcher's directory
         elif slurm and slurm_run_dir(base, slurm):
             run_dir = slurm_run_dir(base, slurm)  # a requeued SLURM job: continue its run
-        elif not launched_as_rank_zero() and not ckpt:
-            # torchrun/srun started this process on its own: rank 0 reserves the directory and
-            # RunDirectorySync hands it over once the process group exists
-            run_dir = base
         elif (
             ckpt
             and Path(ckpt).parent.name == "checkpoints"
@@ -324,6 +324,10 @@ class SeglightCLI(LightningCLI):
             run_dir = Path(
                 ckpt
             ).parent.parent  # resume or evaluate in the run that made the checkpoint
+        elif not launched_as_rank_zero():
+            # torchrun/srun started this process on its own: rank 0 reserves the directory and
+            # RunDirectorySync hands it over once the process group exists
+            run_dir = base
         else:
             run_dir = new_run_dir(base)
             if slurm:
