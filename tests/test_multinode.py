@@ -65,7 +65,9 @@ def test_two_nodes_write_one_run_directory_with_metrics_of_all_ranks(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     (evaluation,) = json.loads((single / "metrics.json").read_text())["evaluations"]
-    assert_same_metrics(two_nodes, evaluation["metrics"])
+    # (not val/loss: each rank validated with its own BatchNorm running statistics; the
+    # reduction of the loss over ranks is tested in test_ddp.py)
+    assert_same_metrics(two_nodes, evaluation["metrics"], loss=False)
 
 
 def setup_run_dir(ckpt_path: str | None = None) -> str:
