@@ -362,17 +362,18 @@ class SafeCheckpoints(L.Callback):
         self._loaded = None
 
     def _resume_loader(self, trainer: L.Trainer) -> None:
-        """Continue the training loader mid-epoch where the checkpoint left it.
+        """Continue the training loader where the checkpoint left it (mid-epoch: at the next
+        batch; at an epoch's end: at the next epoch's start).
 
         Lightning restores a loader's state only if the loader starts after the checkpoint is
         loaded; SegmentationModel.configure_optimizers asks for `estimated_stepping_batches`,
-        which starts it before. So the state is applied here and the loader's iterator started
-        again (a checkpoint at the end of an epoch needs nothing: the next epoch starts anew)."""
+        which starts it before (at epoch 0's first batch, which Lightning would then use with
+        loader workers). So the state is applied here and the loader's iterator started again."""
         from seglight.data.base import ResumableLoader
 
         states, self._loader_states = self._loader_states, None
         loader = trainer.train_dataloader
-        if not states or not isinstance(loader, ResumableLoader) or states[0].get("epoch_done"):
+        if not states or not isinstance(loader, ResumableLoader):
             return
         loader.load_state_dict(states[0])
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
