@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -608,7 +609,7 @@ class SegmentationDataModule(L.LightningDataModule):
         trainer = self.trainer
         collate_fn = self.collate_fn()
         if train:
-            return self._train_loader(dataset, batch_size, collate_fn)
+            return self._train_loader(split, dataset, batch_size, collate_fn)
         if trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads the split by repeating samples so that
             # every rank gets as many; that would count them twice in the metrics. This one does not.
@@ -629,7 +630,7 @@ class SegmentationDataModule(L.LightningDataModule):
         )
 
     def _train_loader(
-        self, dataset: Dataset, batch_size: int, collate_fn: Callable
+        self, split: str, dataset: Dataset, batch_size: int, collate_fn: Callable
     ) -> ResumableLoader:
         """The shuffled, augmented training loader, exactly resumable (ResumableSampler)."""
         trainer = self.trainer
@@ -645,7 +646,8 @@ class SegmentationDataModule(L.LightningDataModule):
             def progress() -> tuple[int, bool]:
                 return batches.current.processed, batches.is_last_batch
 
-        seed = loader_seed()
+        # per split: two training loaders (labelled, unlabelled) never share augmentation draws
+        seed = (loader_seed() + zlib.crc32(split.encode())) % 2**62
         return ResumableLoader(
             SeededSamples(dataset),
             batch_size=batch_size,
