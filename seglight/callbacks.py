@@ -286,7 +286,8 @@ class ModelCheckpoint(_ModelCheckpoint):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save checkpoint IO, writing local files through
+    """Lightning's torch.save checkpoint IO, reading with weights_only=True only and writing local
+    files through
     seglight.utils.atomic_open (a temporary file beside the checkpoint, fsync, rename): a kill at
     any moment leaves the previous checkpoint or the new one, never a truncated file, and nothing
     in $TMPDIR. Remote paths (s3://, ...) keep Lightning's own writer."""
@@ -300,6 +301,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         remove_stale_temporaries(path)  # left by a killed writer (only rank zero writes)
         with atomic_open(path, "wb") as f:
             torch.save(checkpoint, f)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: Any = None
+    ) -> dict:
+        """Local files through seglight.checkpoints.load_checkpoint (weights_only=True, one-line
+        errors), whatever the caller asks: Trainer.fit(ckpt_path=...) outside the CLI too."""
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, weights_only=True)
+        from seglight.checkpoints import load_checkpoint
+
+        return load_checkpoint(path)
 
 
 class SafeCheckpoints(L.Callback):

@@ -137,3 +137,22 @@ def test_lightning_loading_of_a_mismatched_checkpoint_is_one_line():
         _tiny_unet().on_load_checkpoint(checkpoint)
     assert "\n" not in str(e.value)
     trained.on_load_checkpoint(checkpoint)  # its own checkpoint fits
+
+
+def test_trainer_outside_the_cli_reads_checkpoints_safely(crafted, tmp_path):
+    """`Trainer.validate(model, ckpt_path=...)` from a notebook goes through the checkpoint IO
+    that every SegmentationModel installs: weights_only=True and a one-line error, whatever the
+    caller's torch default."""
+    import lightning as L
+
+    from seglight.data import Synthetic
+
+    path, marker = crafted
+    model = UNet(num_classes=5, encoder="resnet18", base_channels=8)
+    data = Synthetic(num_train=2, num_val=2, image_size=(32, 32), batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(CheckpointError, match="holds Python objects"):
+        trainer.validate(model, data, ckpt_path=path, weights_only=False)
+    assert not marker.exists()
