@@ -13,6 +13,7 @@ from seglight.models.ksac import KSAC
 from seglight.models.linknet import LinkNet, LinkNetNetwork
 from seglight.models.pspnet import PSPNet, PSPNetNetwork
 from seglight.models.refinenet import RefineNet, RefineNetNetwork
+from seglight.models.segformer import SegFormer, SegFormerNetwork
 from seglight.models.segnet import SegNet, SegNetBasic, SegNetBasicNetwork, SegNetNetwork
 from seglight.models.unet import UNet, UNetNetwork
 
@@ -45,6 +46,8 @@ __all__ = [
     "PSPNetNetwork",
     "RefineNet",
     "RefineNetNetwork",
+    "SegFormer",
+    "SegFormerNetwork",
     "SegmentationModel",
     "SegNet",
     "SegNetBasic",

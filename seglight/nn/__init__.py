@@ -6,6 +6,7 @@ from seglight.nn.blocks import (
     init_classifier,
     init_weights,
     pad_or_crop_to,
+    pad_to_multiple,
     resize_to,
 )
 from seglight.nn.context import ASPP, KernelSharingASPP, PyramidPooling, SeparableConv2d
@@ -27,6 +28,7 @@ __all__ = [
     "KernelSharingASPP",
     "load_vgg16_weights",
     "pad_or_crop_to",
+    "pad_to_multiple",
     "PyramidPooling",
     "resize_to",
     "SeparableConv2d",

@@ -80,6 +80,15 @@ def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") ->
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad `x` [B,C,H,W] at the bottom/right so that H and W divide by `multiple`; the
+    network crops its logits back with `x[..., :H, :W]` (for encoders that need such sizes:
+    ViT patches, Swin windows, HRNet's exact upsampling; see TimmEncoder.input_multiple)."""
+    h, w = x.shape[-2:]
+    dh, dw = -h % multiple, -w % multiple
+    return F.pad(x, (0, dw, 0, dh)) if dh or dw else x
+
+
 def init_weights(module: nn.Module, mode: str = "fan_out", uniform: bool = False) -> None:
     """He (Kaiming) convs for ReLU, unit norms, zero biases: the usual from-scratch init.
 

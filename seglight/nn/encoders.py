@@ -31,6 +31,25 @@ class EncoderWeightsError(SeglightError, RuntimeError):
     """Pretrained weights could not be found, fetched, or do not fit the encoder."""
 
 
+# timm families whose models need options or input sizes beyond a CNN's (keyed by timm module):
+# ViTs take any size only with `dynamic_img_size` (position embeddings interpolated per input) and
+# a multiple of the patch size; Swin needs `strict_img_size=False`; HRNet's fuse layers upsample
+# by exact factors (so its input must divide by 32); PVTv2's spatial-reduction convs need each
+# stage to be at least as large as their kernel (8 at stride 4: inputs of >= 32 that divide by 32)
+_SIZE_OPTIONS: dict[str, dict] = {
+    "vision_transformer": {"dynamic_img_size": True},
+    "vision_transformer_hybrid": {"dynamic_img_size": True},
+    "deit": {"dynamic_img_size": True},
+    "eva": {"dynamic_img_size": True},
+    "swin_transformer": {"strict_img_size": False},
+}
+_MULTIPLE_OF_STRIDE = ("swin_transformer", "hrnet", "pvt_v2")
+
+
+def _timm_family(name: str) -> str:
+    return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("SEGLIGHT_CACHE", Path.home() / ".cache" / "seglight"))
 
@@ -43,11 +62,19 @@ class TimmEncoder(nn.Module):
         weights: see the module docstring.
         in_channels: input channels; pretrained stems are adapted by timm when not 3.
         output_stride: 32 (plain), 16 or 8: the last stages use dilation instead of striding.
-        out_indices: which feature levels to return (timm's default: all of them).
+        out_indices: which feature levels to return (timm's default: all of them; for a plain
+            ViT, the blocks).
+        timm_options: more options of the timm model (e.g. ``drop_path_rate``, ``mlp_ratios``).
 
     Attributes:
         channels: channels of each returned feature map.
         reductions: the stride of each feature map relative to the input.
+        input_multiple: the input's height and width must divide by this (1: any size): a ViT's
+            patch size, 32 for Swin, HRNet and PVTv2 (see `_SIZE_OPTIONS`); `pad_to_multiple`
+            pads an input to it.
+
+    Features are NCHW whatever timm's format (Swin's NHWC is permuted). A plain ViT returns
+    several maps at the patch stride, all of `reductions` equal.
 
     Shapes: [B, in_channels, H, W] -> list of [B, channels[i], ~H/reductions[i], ~W/reductions[i]].
     """
@@ -59,6 +86,7 @@ class TimmEncoder(nn.Module):
         in_channels: int = 3,
         output_stride: int = 32,
         out_indices: tuple[int, ...] | None = None,
+        timm_options: dict | None = None,
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
@@ -70,14 +98,18 @@ class TimmEncoder(nn.Module):
             )
         if output_stride not in (8, 16, 32):
             raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        kwargs: dict = {"features_only": True, "in_chans": in_channels}
+        family = _timm_family(name)
+        options = {**_SIZE_OPTIONS.get(family, {}), **(timm_options or {})}
+        kwargs: dict = {"features_only": True, "in_chans": in_channels, **options}
+        if out_indices is None and "dynamic_img_size" in options:
+            out_indices = vit_levels(name)
         if output_stride != 32:
             kwargs["output_stride"] = output_stride
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
         weights_file = resolve_encoder_weights(name, weights)
         if weights_file is not None:
-            check_weights_file(name, weights_file, in_channels)
+            check_weights_file(name, weights_file, in_channels, **(timm_options or {}))
             kwargs["pretrained"] = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
         try:
@@ -90,9 +122,26 @@ class TimmEncoder(nn.Module):
         self.name = name
         self.channels: list[int] = list(self.model.feature_info.channels())
         self.reductions: list[int] = list(self.model.feature_info.reduction())
+        self.nhwc = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
+        patch = getattr(getattr(self.model, "model", self.model), "patch_embed", None)
+        if "dynamic_img_size" in options and patch is not None:
+            self.input_multiple = int(max(patch.patch_size))
+        elif family in _MULTIPLE_OF_STRIDE:
+            self.input_multiple = max(self.reductions)
+        else:
+            self.input_multiple = 1
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(x))
+        features = list(self.model(x))
+        return [f.permute(0, 3, 1, 2) for f in features] if self.nhwc else features
+
+
+def vit_levels(name: str, levels: int = 4) -> tuple[int, ...]:
+    """Blocks a plain ViT's multi-level features come from: evenly spaced, the last included
+    ((2, 5, 8, 11) of 12 blocks, as in mmsegmentation's UPerNet-ViT configs; (5, 11, 17, 23) of 24)."""
+    with torch.device("meta"):  # only the depth is needed: no memory, no init
+        depth = len(timm.create_model(name, pretrained=False).blocks)
+    return tuple(depth * (i + 1) // levels - 1 for i in range(levels))
 
 
 def resolve_encoder_weights(name: str, weights: str | os.PathLike | None) -> Path | None:
@@ -185,8 +234,9 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names)
 
 
-def check_weights_file(name: str, path: Path, in_channels: int = 3) -> None:
-    """Raise EncoderWeightsError unless `path` holds weights for every layer of timm model `name`.
+def check_weights_file(name: str, path: Path, in_channels: int = 3, **options) -> None:
+    """Raise EncoderWeightsError unless `path` holds weights for every layer of timm model `name`
+    (built with `options`, e.g. another ``mlp_ratios``).
 
     The classifier may be present or absent; the stem may have another number of input channels
     (timm adapts it). Anything else missing, unexpected or mis-shaped is an error.
@@ -199,7 +249,7 @@ def check_weights_file(name: str, path: Path, in_channels: int = 3) -> None:
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         raise EncoderWeightsError(f"encoder_weights: {str(path)!r} does not hold a state dict")
-    ref = timm.create_model(name, pretrained=False)
+    ref = timm.create_model(name, pretrained=False, **options)
     filter_fn = getattr(importlib.import_module(type(ref).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm's own conversion of older checkpoint formats
         try:
