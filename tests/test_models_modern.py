@@ -6,10 +6,11 @@ cover shapes, odd sizes and gradients."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from seglight.errors import ConfigError
-from seglight.models import SegFormer
+from seglight.models import SegFormer, UPerNet
 
 
 def millions(module: nn.Module) -> float:
@@ -36,3 +37,38 @@ def test_segformer_encoder_is_mit():
 def test_segformer_bad_variant():
     with pytest.raises(ConfigError, match="variant must be one of b0"):
         SegFormer(num_classes=3, variant="b9")
+
+
+# ----------------------------------------------------------------------------- UPerNet
+@pytest.mark.parametrize("encoder", ["convnext_tiny", "swin_tiny_patch4_window7_224"])
+def test_upernet_parameters_match_convnext_and_swin_tables(encoder):
+    # ConvNeXt Table 3 / Swin Table 3: UperNet with the T backbone, 150 classes: 60M (aux included)
+    net = UPerNet(num_classes=150, encoder=encoder).net
+    assert millions(net) == pytest.approx(60.0, abs=0.3)
+    assert net.decoder.ppm.stages[0].conv.out_channels == 512  # mmseg's PPM: 512 per bin
+
+
+def test_upernet_aux_head_in_training_only():
+    model = UPerNet(num_classes=4, encoder="resnet18").train()
+    out = model.net(torch.randn(2, 3, 64, 64))
+    assert out["out"].shape == (2, 4, 64, 64) and out["aux"].shape == (2, 4, 4, 4)  # stride 16
+    model.eval()
+    with torch.no_grad():
+        assert model.net(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+def test_upernet_on_a_dinov2_vit_pads_crops_not_divisible_by_the_patch():
+    net = UPerNet(num_classes=3, encoder="vit_small_patch14_dinov2", aux=False).net.eval()
+    assert net.encoder.input_multiple == 14
+    assert list(net.encoder.model.out_indices) == [2, 5, 8, 11]
+    assert net.neck.reductions == [3.5, 7, 14, 28]  # BEiT's simple pyramid: x4, x2, x1, x1/2
+    with torch.no_grad():
+        y = net(torch.randn(1, 3, 45, 61))  # neither side divides by 14: padded, cropped back
+    assert y.shape == (1, 3, 45, 61)
+
+
+def test_upernet_needs_four_levels():
+    with pytest.raises(
+        ConfigError, match=r"encoder 'resnet18' with encoder_indices \[3, 4\] gives 2"
+    ):
+        UPerNet(num_classes=3, encoder="resnet18", encoder_indices=[3, 4])

@@ -16,6 +16,7 @@ from seglight.models.refinenet import RefineNet, RefineNetNetwork
 from seglight.models.segformer import SegFormer, SegFormerNetwork
 from seglight.models.segnet import SegNet, SegNetBasic, SegNetBasicNetwork, SegNetNetwork
 from seglight.models.unet import UNet, UNetNetwork
+from seglight.models.upernet import UPerNet, UPerNetNetwork
 
 __all__ = [
     "DeepLabASPP",
@@ -54,5 +55,7 @@ __all__ = [
     "SegNetBasicNetwork",
     "SegNetNetwork",
     "UNet",
+    "UPerNet",
+    "UPerNetNetwork",
     "UNetNetwork",
 ]

@@ -205,9 +205,10 @@ class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling module (Zhao et al. 2017, Sec. 3.3, Fig. 3) and its fusion conv.
 
     For each bin size N in `bins` (1, 2, 3, 6): average-pool to N x N, 1x1 conv to
-    in_channels / len(bins) channels, BN, ReLU, bilinear upsampling to h x w. The pooled maps are
-    concatenated with the features (2 * in_channels channels for 4 bins) and fused by a 3x3
-    conv-BN-ReLU to `out_channels` (512 in PSPNet).
+    `branch_channels` (default in_channels / len(bins), PSPNet's), BN, ReLU, bilinear upsampling
+    to h x w. The pooled maps are concatenated with the features (2 * in_channels channels for 4
+    bins) and fused by a 3x3 conv-BN-ReLU to `out_channels` (512 in PSPNet). UPerNet's PPM is the
+    same with `branch_channels` = `out_channels` (512).
 
     Shapes: [B, in_channels, h, w] -> [B, out_channels, h, w].
     """
@@ -218,13 +219,14 @@ class PyramidPooling(nn.Module):
         out_channels: int = 512,
         bins: Sequence[int] = (1, 2, 3, 6),
         separable: bool = False,
+        branch_channels: int | None = None,
     ) -> None:
         super().__init__()
         bins = tuple(int(b) for b in bins)
         if not bins or min(bins) < 1:
             raise ConfigError(f"pyramid pooling bins must be integers >= 1, got {bins}")
         self.bins = bins
-        reduced = in_channels // len(bins)
+        reduced = branch_channels or in_channels // len(bins)
         self.stages = nn.ModuleList(PoolingBranch(in_channels, reduced, b) for b in bins)
         self.bottleneck = conv3x3(in_channels + reduced * len(bins), out_channels, 1, separable)
 
