@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from seglight.errors import ConfigError
-from seglight.models import SegFormer, UPerNet
+from seglight.models import DPT, LinearProbe, SegFormer, UPerNet
 
 
 def millions(module: nn.Module) -> float:
@@ -72,3 +72,33 @@ def test_upernet_needs_four_levels():
         ConfigError, match=r"encoder 'resnet18' with encoder_indices \[3, 4\] gives 2"
     ):
         UPerNet(num_classes=3, encoder="resnet18", encoder_indices=[3, 4])
+
+
+# ----------------------------------------------------------------------------- ViT heads
+def test_linear_probe_trains_only_the_head_and_keeps_the_backbone_in_eval():
+    model = LinearProbe(num_classes=4, layers=4).train()
+    net = model.net
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias"}
+    assert net.head[0].num_features == 4 * 384  # the last four blocks of ViT-S, concatenated
+    assert not net.encoder.training and net.head.training
+    before = net.encoder.model.model.blocks[-1].mlp.fc1.weight.clone()
+    out = net(torch.randn(2, 3, 30, 44))  # not multiples of 14: padded, cropped back
+    model.compute_loss(out, torch.randint(0, 4, (2, 30, 44))).backward()
+    assert out.shape == (2, 4, 30, 44)
+    assert torch.equal(net.encoder.model.model.blocks[-1].mlp.fc1.weight, before)
+
+
+def test_dpt_reassembles_four_scales_of_a_vit():
+    net = DPT(num_classes=3, encoder="vit_small_patch14_dinov2").net.eval()
+    x = torch.randn(1, 3, 56, 84)  # a 4x6 patch grid
+    levels = [r(f) for r, f in zip(net.reassemble, net.encoder(x), strict=True)]
+    assert [tuple(v.shape[-2:]) for v in levels] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 57, 83)).shape == (1, 3, 57, 83)
+
+
+@pytest.mark.parametrize("cls", [DPT, LinearProbe])
+def test_vit_heads_refuse_a_cnn(cls):
+    with pytest.raises(ConfigError, match=f"{cls.__name__} needs a plain ViT encoder"):
+        cls(num_classes=3, encoder="resnet18")

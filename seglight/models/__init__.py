@@ -4,12 +4,14 @@ subclass; importing it registers the latter in `MODELS` (short name -> class).""
 from seglight.models.base import MODELS, SegmentationModel
 from seglight.models.deeplab_vgg import DeepLabASPP, DeepLabLargeFOV, DeepLabVGGNetwork
 from seglight.models.deeplabv3 import DeepLabV3, DeepLabV3Plus, DeepLabV3PlusNetwork
+from seglight.models.dpt import DPT, DPTNetwork
 from seglight.models.enet import ENet, ENetNetwork
 from seglight.models.fcdensenet import FCDenseNet56, FCDenseNet67, FCDenseNet103, FCDenseNetNetwork
 from seglight.models.fcn import FCN8s, FCN16s, FCN32s, FCNNetwork
 from seglight.models.gcn import GCN, GCNNetwork
 from seglight.models.gfrnet import GFRNet, GFRNetNetwork
 from seglight.models.ksac import KSAC
+from seglight.models.linear_probe import LinearProbe, LinearProbeNetwork
 from seglight.models.linknet import LinkNet, LinkNetNetwork
 from seglight.models.pspnet import PSPNet, PSPNetNetwork
 from seglight.models.refinenet import RefineNet, RefineNetNetwork
@@ -25,6 +27,8 @@ __all__ = [
     "DeepLabV3Plus",
     "DeepLabV3PlusNetwork",
     "DeepLabVGGNetwork",
+    "DPT",
+    "DPTNetwork",
     "ENet",
     "ENetNetwork",
     "FCDenseNet103",
@@ -40,6 +44,8 @@ __all__ = [
     "GFRNet",
     "GFRNetNetwork",
     "KSAC",
+    "LinearProbe",
+    "LinearProbeNetwork",
     "LinkNet",
     "LinkNetNetwork",
     "MODELS",

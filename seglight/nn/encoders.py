@@ -64,7 +64,8 @@ class TimmEncoder(nn.Module):
         output_stride: 32 (plain), 16 or 8: the last stages use dilation instead of striding.
         out_indices: which feature levels to return (timm's default: all of them; for a plain
             ViT, the blocks).
-        timm_options: more options of the timm model (e.g. ``drop_path_rate``, ``mlp_ratios``).
+        timm_options: more options of the timm model (e.g. ``drop_path_rate``, ``mlp_ratios``);
+            ``final_norm: true`` applies a ViT's final norm to every returned block.
 
     Attributes:
         channels: channels of each returned feature map.
@@ -100,6 +101,7 @@ class TimmEncoder(nn.Module):
             raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         family = _timm_family(name)
         options = {**_SIZE_OPTIONS.get(family, {}), **(timm_options or {})}
+        final_norm = bool(options.pop("final_norm", False))
         kwargs: dict = {"features_only": True, "in_chans": in_channels, **options}
         if out_indices is None and "dynamic_img_size" in options:
             out_indices = vit_levels(name)
@@ -109,11 +111,23 @@ class TimmEncoder(nn.Module):
             kwargs["out_indices"] = tuple(out_indices)
         weights_file = resolve_encoder_weights(name, weights)
         if weights_file is not None:
-            check_weights_file(name, weights_file, in_channels, **(timm_options or {}))
+            check_weights_file(
+                name,
+                weights_file,
+                in_channels,
+                **{k: v for k, v in (timm_options or {}).items() if k != "final_norm"},
+            )
             kwargs["pretrained"] = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
         try:
-            self.model = timm.create_model(name, **kwargs)
+            if final_norm:  # a ViT's final LayerNorm on every block's tokens (DINOv2's probes)
+                from timm.models._features import FeatureGetterNet
+
+                kwargs.pop("features_only")
+                indices = kwargs.pop("out_indices", 4)
+                self.model = FeatureGetterNet(timm.create_model(name, **kwargs), indices, norm=True)
+            else:
+                self.model = timm.create_model(name, **kwargs)
         except (AssertionError, TypeError, NotImplementedError) as e:
             raise ConfigError(
                 f"timm encoder {name!r} cannot be built with output_stride={output_stride}"
