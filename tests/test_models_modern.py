@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from seglight.errors import ConfigError
-from seglight.models import DPT, LinearProbe, SegFormer, UPerNet
+from seglight.models import DPT, DDRNet, LinearProbe, SegFormer, UPerNet
 
 
 def millions(module: nn.Module) -> float:
@@ -102,3 +102,21 @@ def test_dpt_reassembles_four_scales_of_a_vit():
 def test_vit_heads_refuse_a_cnn(cls):
     with pytest.raises(ConfigError, match=f"{cls.__name__} needs a plain ViT encoder"):
         cls(num_classes=3, encoder="resnet18")
+
+
+# ----------------------------------------------------------------------------- DDRNet
+@pytest.mark.parametrize("variant,paper", [("23-slim", 5.7), ("23", 20.1)])
+def test_ddrnet_parameters_match_table_4(variant, paper):
+    net = DDRNet(num_classes=19, variant=variant).net  # Cityscapes
+    # the paper counts the deployed network: without the auxiliary head
+    assert millions(net) - millions(net.aux_head) == pytest.approx(paper, abs=0.06)
+
+
+def test_ddrnet_branches_and_aux_head():
+    net = DDRNet(num_classes=4).net.train()
+    out = net(torch.randn(2, 3, 64, 96))
+    assert out["out"].shape == (2, 4, 64, 96) and out["aux"].shape == (2, 4, 8, 12)  # 1/8
+    # the high-resolution branch keeps 2C = 64 channels at 1/8; the context ends at 1/64
+    assert net.layer4_[0].body[0][0].in_channels == 64 and net.spp.scales[0][0].num_features == 512
+    with pytest.raises(ConfigError, match="DDRNet variant must be one of 23-slim, 23"):
+        DDRNet(num_classes=3, variant="39")

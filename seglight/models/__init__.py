@@ -2,6 +2,7 @@
 subclass; importing it registers the latter in `MODELS` (short name -> class)."""
 
 from seglight.models.base import MODELS, SegmentationModel
+from seglight.models.ddrnet import DDRNet, DDRNetNetwork
 from seglight.models.deeplab_vgg import DeepLabASPP, DeepLabLargeFOV, DeepLabVGGNetwork
 from seglight.models.deeplabv3 import DeepLabV3, DeepLabV3Plus, DeepLabV3PlusNetwork
 from seglight.models.dpt import DPT, DPTNetwork
@@ -21,6 +22,8 @@ from seglight.models.unet import UNet, UNetNetwork
 from seglight.models.upernet import UPerNet, UPerNetNetwork
 
 __all__ = [
+    "DDRNet",
+    "DDRNetNetwork",
     "DeepLabASPP",
     "DeepLabLargeFOV",
     "DeepLabV3",

@@ -81,14 +81,19 @@ class PoolingBranch(nn.Module):
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(self.pool(x))
-        if self.training and y.shape[0] * y.shape[2] * y.shape[3] == 1:
-            # batch statistics of one value are undefined: normalise as in eval instead of failing
-            n = self.norm
-            y = F.batch_norm(y, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
-        else:
-            y = self.norm(y)
+        y = norm_pooled(self.norm, self.conv(self.pool(x)))
         return resize_to(self.act(y), tuple(x.shape[-2:]))
+
+
+def norm_pooled(norm: nn.BatchNorm2d, y: torch.Tensor, min_values: int = 2) -> torch.Tensor:
+    """`norm(y)`, except in training with fewer than `min_values` values per channel (batch 1 and a
+    1x1 pooled map: batch statistics are undefined), then normalise with the running statistics,
+    as in eval, and leave them unchanged. (`min_values=3` also covers two values, which batch
+    statistics turn into -1/+1, or 0/0 when equal, whatever they were.)"""
+    if norm.training and y.shape[0] * y.shape[2] * y.shape[3] < min_values:
+        n = norm
+        return F.batch_norm(y, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+    return norm(y)
 
 
 class SharedAtrousConv(nn.Module):
