@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from seglight.errors import ConfigError
-from seglight.models import DPT, DDRNet, LinearProbe, SegFormer, UPerNet
+from seglight.models import DPT, BiSeNetV2, DDRNet, LinearProbe, SegFormer, UPerNet
 
 
 def millions(module: nn.Module) -> float:
@@ -120,3 +120,15 @@ def test_ddrnet_branches_and_aux_head():
     assert net.layer4_[0].body[0][0].in_channels == 64 and net.spp.scales[0][0].num_features == 512
     with pytest.raises(ConfigError, match="DDRNet variant must be one of 23-slim, 23"):
         DDRNet(num_classes=3, variant="39")
+
+
+# ----------------------------------------------------------------------------- BiSeNetV2
+def test_bisenetv2_branches_and_four_booster_heads():
+    net = BiSeNetV2(num_classes=19).net.train()
+    out = net(torch.randn(2, 3, 64, 128))
+    assert out["out"].shape == (2, 19, 64, 128)
+    # boosters on the Stem (1/4) and the semantic stages at 1/8, 1/16, 1/32
+    assert [tuple(a.shape[-2:]) for a in out["aux"]] == [(16, 32), (8, 16), (4, 8), (2, 4)]
+    assert net.detail(torch.randn(1, 3, 64, 128)).shape == (1, 128, 8, 16)  # Table 1: 1/8, 128
+    # the deployed network (no boosters) of Table 8's model, 19 classes
+    assert millions(net) - millions(net.boosters) == pytest.approx(3.36, abs=0.01)

@@ -2,6 +2,7 @@
 subclass; importing it registers the latter in `MODELS` (short name -> class)."""
 
 from seglight.models.base import MODELS, SegmentationModel
+from seglight.models.bisenetv2 import BiSeNetV2, BiSeNetV2Network
 from seglight.models.ddrnet import DDRNet, DDRNetNetwork
 from seglight.models.deeplab_vgg import DeepLabASPP, DeepLabLargeFOV, DeepLabVGGNetwork
 from seglight.models.deeplabv3 import DeepLabV3, DeepLabV3Plus, DeepLabV3PlusNetwork
@@ -22,6 +23,8 @@ from seglight.models.unet import UNet, UNetNetwork
 from seglight.models.upernet import UPerNet, UPerNetNetwork
 
 __all__ = [
+    "BiSeNetV2",
+    "BiSeNetV2Network",
     "DDRNet",
     "DDRNetNetwork",
     "DeepLabASPP",
