@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from seglight.errors import ConfigError
-from seglight.models import DPT, BiSeNetV2, DDRNet, LinearProbe, SegFormer, UPerNet
+from seglight.models import DPT, BiSeNetV2, DDRNet, HRNetOCR, LinearProbe, SegFormer, UPerNet
+from seglight.models.hrnet_ocr import ObjectContext
 
 
 def millions(module: nn.Module) -> float:
@@ -52,6 +53,8 @@ def test_upernet_aux_head_in_training_only():
     model = UPerNet(num_classes=4, encoder="resnet18").train()
     out = model.net(torch.randn(2, 3, 64, 64))
     assert out["out"].shape == (2, 4, 64, 64) and out["aux"].shape == (2, 4, 4, 4)  # stride 16
+    out = UPerNet(num_classes=4, encoder="pvt_v2_b0").net.train()(torch.randn(1, 3, 50, 70))
+    assert out["aux"].shape == (1, 4, 50, 70)  # padded to 64x96: cropped back to the image
     model.eval()
     with torch.no_grad():
         assert model.net(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)
@@ -132,3 +135,29 @@ def test_bisenetv2_branches_and_four_booster_heads():
     assert net.detail(torch.randn(1, 3, 64, 128)).shape == (1, 128, 8, 16)  # Table 1: 1/8, 128
     # the deployed network (no boosters) of Table 8's model, 19 classes
     assert millions(net) - millions(net.boosters) == pytest.approx(3.36, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- HRNet-OCR
+def test_hrnet_ocr_concatenates_the_four_branches_and_supervises_soft_regions():
+    net = HRNetOCR(num_classes=5, encoder="hrnet_w18").net.train()
+    assert net.pixel[0].in_channels == 18 + 36 + 72 + 144  # HRNetV2's concatenation
+    out = net(torch.randn(2, 3, 64, 96))  # divides by 32: the regions stay at 1/4
+    assert out["out"].shape == (2, 5, 64, 96) and out["aux"].shape == (2, 5, 16, 24)
+    out = net(torch.randn(1, 3, 50, 70))  # padded to 64x96: regions cropped to the image
+    assert out["aux"].shape == (1, 5, 50, 70)
+    with pytest.raises(ConfigError, match="HRNetOCR needs a timm HRNet encoder"):
+        HRNetOCR(num_classes=3, encoder="resnet18")
+
+
+def test_object_context_attends_over_one_region_per_class():
+    ocr = ObjectContext(channels=8, key_channels=4).eval()
+    feats, regions = torch.randn(2, 8, 6, 7), torch.randn(2, 3, 6, 7)
+    assert ocr(feats, regions).shape == (2, 8, 6, 7)
+    # region representations are softmax-weighted averages of the pixels: a region that peaks on
+    # one pixel represents that pixel
+    regions = torch.full((1, 1, 6, 7), -1e4)
+    regions[0, 0, 2, 3] = 0
+    captured = {}
+    ocr.key.register_forward_hook(lambda m, i, o: captured.update(proxy=i[0]))
+    ocr(feats[:1], regions)
+    assert torch.allclose(captured["proxy"][0, :, 0, 0], feats[0, :, 2, 3], atol=1e-5)

@@ -12,6 +12,7 @@ from seglight.models.fcdensenet import FCDenseNet56, FCDenseNet67, FCDenseNet103
 from seglight.models.fcn import FCN8s, FCN16s, FCN32s, FCNNetwork
 from seglight.models.gcn import GCN, GCNNetwork
 from seglight.models.gfrnet import GFRNet, GFRNetNetwork
+from seglight.models.hrnet_ocr import HRNetOCR, HRNetOCRNetwork
 from seglight.models.ksac import KSAC
 from seglight.models.linear_probe import LinearProbe, LinearProbeNetwork
 from seglight.models.linknet import LinkNet, LinkNetNetwork
@@ -49,6 +50,8 @@ __all__ = [
     "GCNNetwork",
     "GFRNet",
     "GFRNetNetwork",
+    "HRNetOCR",
+    "HRNetOCRNetwork",
     "KSAC",
     "LinearProbe",
     "LinearProbeNetwork",

@@ -25,14 +25,13 @@ booster heads (14.80M with them: the 1024-channel booster on the 1/32 features h
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
 from seglight.nn import ConvNormAct, init_weights, resize_to
 from seglight.nn.context import norm_pooled
+from seglight.profile import PaperCost
 
 
 def dw_conv(channels: int, stride: int = 1, act: bool = False) -> ConvNormAct:
@@ -209,7 +208,7 @@ class BiSeNetV2(SegmentationModel):
         aux: the four booster heads (training only), weight `aux_weight` (the paper: 1.0).
     """
 
-    paper_gflops: ClassVar[float | None] = 21.15
+    paper_cost = PaperCost(21.15, "GMACs", (512, 1024), 19)
 
     def __init__(self, aux: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -43,6 +43,7 @@ from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
 from seglight.nn import ConvNormAct, init_weights, resize_to
 from seglight.nn.context import norm_pooled
+from seglight.profile import PaperCost
 
 #: base width C, DAPPM width, head width per variant (the released code's planes, spp_planes,
 #: head_planes)
@@ -233,7 +234,7 @@ class DDRNet(SegmentationModel):
     """
 
     paper_params: ClassVar[float | None] = 5.7
-    paper_gflops: ClassVar[float | None] = 36.3
+    paper_cost = PaperCost(36.3, "GMACs", (1024, 2048), 19)
 
     def __init__(
         self, variant: Literal["23-slim", "23"] = "23-slim", aux: bool = True, **kwargs

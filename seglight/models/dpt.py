@@ -35,7 +35,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to
+from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
 
 
 def vit_encoder(
@@ -180,7 +180,7 @@ class DPTNetwork(nn.Module):
                 levels[i] if y is None else y, None if y is None else levels[i], size
             )
         logits = self.head(y)
-        return resize_to(logits, tuple(x.shape[-2:]))[..., :h, :w]
+        return unpad(logits, tuple(x.shape[-2:]), (h, w))
 
 
 class DPT(SegmentationModel):
@@ -195,7 +195,6 @@ class DPT(SegmentationModel):
     """
 
     paper_params: ClassVar[float | None] = None
-    paper_gflops: ClassVar[float | None] = None
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from torch import nn
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
 from seglight.models.dpt import freeze, vit_encoder
-from seglight.nn import pad_to_multiple, resize_to
+from seglight.nn import pad_to_multiple, unpad
 
 
 class LinearProbeNetwork(nn.Module):
@@ -80,7 +80,7 @@ class LinearProbeNetwork(nn.Module):
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.encoder.input_multiple)
         logits = self.head(torch.cat(self.encoder(x), dim=1))
-        return resize_to(logits, tuple(x.shape[-2:]))[..., :h, :w]
+        return unpad(logits, tuple(x.shape[-2:]), (h, w))
 
 
 class LinearProbe(SegmentationModel):

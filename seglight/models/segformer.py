@@ -40,7 +40,8 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to
+from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
+from seglight.profile import PaperCost
 
 Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
 #: decoder width per variant (the paper's C, Table 6 / the authors' configs)
@@ -117,7 +118,7 @@ class SegFormerNetwork(nn.Module):
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.encoder.input_multiple)
         logits = self.classifier(self.decoder(self.encoder(x)))
-        return resize_to(logits, tuple(x.shape[-2:]))[..., :h, :w]
+        return unpad(logits, tuple(x.shape[-2:]), (h, w))
 
 
 class SegFormer(SegmentationModel):
@@ -133,7 +134,7 @@ class SegFormer(SegmentationModel):
     """
 
     paper_params: ClassVar[float | None] = 3.8
-    paper_gflops: ClassVar[float | None] = 8.4
+    paper_cost = PaperCost(8.4, "GMACs", (512, 512), 150)
 
     def __init__(
         self,

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to
+from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
 from seglight.nn.context import PyramidPooling
 from seglight.nn.pyramid import FeaturePyramid
+from seglight.profile import PaperCost
 
 
 class UPerHead(nn.Module):
@@ -139,9 +140,12 @@ class UPerNetNetwork(nn.Module):
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.encoder.input_multiple)
         features = self.neck(self.encoder(x))
-        out = resize_to(self.classifier(self.decoder(features)), tuple(x.shape[-2:]))[..., :h, :w]
+        padded = tuple(x.shape[-2:])
+        out = unpad(self.classifier(self.decoder(features)), padded, (h, w))
         if self.training and self.aux_head is not None:
-            return {"out": out, "aux": self.aux_head(features[2])}
+            # the auxiliary logits too: the padding must not be scored against the mask
+            aux = self.aux_head(features[2])
+            return {"out": out, "aux": unpad(aux, padded, (h, w)) if padded != (h, w) else aux}
         return out
 
 
@@ -161,7 +165,7 @@ class UPerNet(SegmentationModel):
     """
 
     paper_params: ClassVar[float | None] = 60.0
-    paper_gflops: ClassVar[float | None] = 939.0
+    paper_cost = PaperCost(939.0, "GMACs", (512, 2048), 150)
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from seglight.nn.blocks import (
     pad_or_crop_to,
     pad_to_multiple,
     resize_to,
+    unpad,
 )
 from seglight.nn.context import ASPP, KernelSharingASPP, PyramidPooling, SeparableConv2d
 from seglight.nn.dense import DenseBlock, DenseLayer
@@ -33,6 +34,7 @@ __all__ = [
     "resize_to",
     "SeparableConv2d",
     "TimmEncoder",
+    "unpad",
     "VGG16",
     "VGGFC",
 ]

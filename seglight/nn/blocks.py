@@ -89,6 +89,12 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, dw, 0, dh)) if dh or dw else x
 
 
+def unpad(logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Logits [B,K,h,w] of an input zero-padded to `padded` (pad_to_multiple) resized to `padded`
+    and cropped to the unpadded input's `size`: every pixel keeps its own prediction."""
+    return resize_to(logits, tuple(padded))[..., : size[0], : size[1]]
+
+
 def init_weights(module: nn.Module, mode: str = "fan_out", uniform: bool = False) -> None:
     """He (Kaiming) convs for ReLU, unit norms, zero biases: the usual from-scratch init.
 
