@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, init_weights, resize_to
+from seglight.nn import ConvNormAct, FCNHead, init_weights, resize_to
 from seglight.nn.context import norm_pooled
 from seglight.profile import PaperCost
 
@@ -135,12 +135,6 @@ class GuidedAggregation(nn.Module):
         return self.fuse(high + resize_to(low, size))
 
 
-def seg_head(in_channels: int, channels: int, num_classes: int, convs: int = 1) -> nn.Sequential:
-    """`convs` 3x3 conv-BN-ReLU to `channels`, dropout 0.1, 1x1 classifier."""
-    layers = [ConvNormAct(in_channels if i == 0 else channels, channels, 3) for i in range(convs)]
-    return nn.Sequential(*layers, nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
-
-
 class BiSeNetV2Network(nn.Module):
     """BiSeNet V2 as a plain nn.Module: [B, in_channels, H, W] -> logits [B, num_classes, H, W]
     (eval), or {"out": logits, "aux": [4 booster logits at 1/4..1/32]} in training with `aux`.
@@ -174,10 +168,10 @@ class BiSeNetV2Network(nn.Module):
         )
         self.context = ContextEmbedding(128)
         self.aggregate = GuidedAggregation(128)
-        self.head = seg_head(128, head_channels, num_classes)
+        self.head = FCNHead(128, num_classes, head_channels)
         self.boosters = (
             nn.ModuleList(
-                seg_head(c, mid, num_classes, convs=2)
+                FCNHead(c, num_classes, mid, convs=2)
                 for c, mid in ((16, 16), (32, 64), (64, 256), (128, 1024))
             )
             if aux

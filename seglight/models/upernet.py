@@ -37,7 +37,15 @@ import torch
 from torch import nn
 
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
+from seglight.nn import (
+    ConvNormAct,
+    FCNHead,
+    TimmEncoder,
+    init_weights,
+    pad_to_multiple,
+    resize_to,
+    unpad,
+)
 from seglight.nn.context import PyramidPooling
 from seglight.nn.pyramid import FeaturePyramid
 from seglight.profile import PaperCost
@@ -68,22 +76,6 @@ class UPerHead(nn.Module):
         outs.append(laterals[-1])
         size = tuple(outs[0].shape[-2:])
         return self.fuse(torch.cat([resize_to(o, size) for o in outs], dim=1))
-
-
-class FCNHead(nn.Sequential):
-    """The auxiliary head: 3x3 conv-BN-ReLU, dropout, 1x1 classifier.
-
-    Shapes: [B, in_channels, h, w] -> [B, num_classes, h, w].
-    """
-
-    def __init__(
-        self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1
-    ) -> None:
-        super().__init__(
-            ConvNormAct(in_channels, channels, 3),
-            nn.Dropout2d(dropout),
-            nn.Conv2d(channels, num_classes, 1),
-        )
 
 
 class UPerNetNetwork(nn.Module):

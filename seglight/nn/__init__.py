@@ -3,6 +3,7 @@
 from seglight.nn.blocks import (
     ConvNormAct,
     DoubleConv,
+    FCNHead,
     init_classifier,
     init_weights,
     pad_or_crop_to,
@@ -23,6 +24,7 @@ __all__ = [
     "DenseBlock",
     "DenseLayer",
     "DoubleConv",
+    "FCNHead",
     "EncoderWeightsError",
     "init_classifier",
     "init_weights",

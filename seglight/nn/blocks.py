@@ -49,6 +49,25 @@ class ConvNormAct(nn.Sequential):
         super().__init__(*layers)
 
 
+class FCNHead(nn.Sequential):
+    """The common segmentation/auxiliary head: `convs` 3x3 conv-BN-ReLU to `channels`, dropout,
+    1x1 classifier (mmsegmentation's FCNHead; UPerNet's auxiliary head, BiSeNetV2's heads).
+
+    Shapes: [B, in_channels, h, w] -> [B, num_classes, h, w].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 256,
+        convs: int = 1,
+        dropout: float = 0.1,
+    ) -> None:
+        layers = [ConvNormAct(in_channels if i == 0 else channels, channels) for i in range(convs)]
+        super().__init__(*layers, nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+
+
 class DoubleConv(nn.Sequential):
     """Two 3x3 ConvNormAct: the basic block of U-Net's encoder and decoder."""
 
