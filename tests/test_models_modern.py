@@ -12,6 +12,7 @@ from torch import nn
 from seglight.errors import ConfigError
 from seglight.models import DPT, BiSeNetV2, DDRNet, HRNetOCR, LinearProbe, SegFormer, UPerNet
 from seglight.models.hrnet_ocr import ObjectContext
+from seglight.nn import TimmEncoder
 
 
 def millions(module: nn.Module) -> float:
@@ -161,3 +162,13 @@ def test_object_context_attends_over_one_region_per_class():
     ocr.key.register_forward_hook(lambda m, i, o: captured.update(proxy=i[0]))
     ocr(feats[:1], regions)
     assert torch.allclose(captured["proxy"][0, :, 0, 0], feats[0, :, 2, 3], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- encoders
+def test_swin_features_come_back_nchw_and_sizes_that_divide_by_32():
+    enc = TimmEncoder("swin_tiny_patch4_window7_224").eval()  # any size (strict_img_size off)
+    with torch.no_grad():
+        feats = enc(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == enc.channels == [96, 192, 384, 768]  # NHWC permuted
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert enc.input_multiple == 32 and TimmEncoder("resnet18").input_multiple == 1
