@@ -744,6 +744,14 @@ def _confusion_title(model: str, stage: str, confmat: torch.Tensor, epoch: int |
     return f"{model} {stage}{when}: mIoU {100 * miou:.1f}%"
 
 
+def _instance_colour(k: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour for the k-th instance (golden-ratio hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(255 * r), int(255 * g), int(255 * b)
+
+
 def _wandb_active(logger: Any) -> bool:
     from lightning.pytorch.loggers import WandbLogger
 
@@ -759,6 +767,12 @@ def _nan_to_none(value: float) -> float | None:
 class PredictionWriter(BasePredictionWriter):
     """Writes each predicted mask as a palette PNG, <output_dir>/<name>.png, and the image beside
     its prediction blended over it, <output_dir>/overlays/<name>.jpg (twice the image's width).
+
+    For instance models (a prediction with "instances"), also each image's instances: an
+    instance-id PNG <output_dir>/instances/<name>.png (16-bit, 0 = none, id k = the k-th instance
+    by score; higher scores win overlaps) with <name>.json mapping id -> class name (the
+    FolderInstances format, so predictions can be read back as data), and an overlay
+    <output_dir>/overlays/<name>_instances.jpg (each instance its own colour, box and class label).
 
     Args:
         output_dir: where to write (default: <run dir>/predictions).
@@ -840,6 +854,44 @@ class PredictionWriter(BasePredictionWriter):
                 picture = Image.fromarray(side_by_side.permute(1, 2, 0).numpy())
                 self._save(picture, out / "overlays" / f"{name}.jpg", "JPEG", quality=90)
                 self._written["overlays"] += 1
+            if prediction.get("instances") is not None:
+                self._write_instances(
+                    out, name, prediction["instances"][i], pl_module.class_names,
+                    None if images is None else images[i],
+                )  # fmt: skip
+
+    def _write_instances(
+        self, out: Path, name: str, instances: dict[str, torch.Tensor], class_names: list[str],
+        image: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """The instance-id PNG, its JSON and (with `image`, uint8 [3, H, W]) the overlay."""
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        order = instances["scores"].argsort(descending=True).cpu()
+        masks = instances["masks"].cpu()[order].bool()  # [N, H, W]
+        labels = instances["labels"].cpu()[order].tolist()
+        ids = np.zeros(masks.shape[-2:], dtype=np.uint16)
+        for k in range(len(masks) - 1, -1, -1):  # the best last: it wins overlaps
+            ids[masks[k].numpy()] = k + 1
+        self._save(Image.fromarray(ids), out / "instances" / f"{name}.png", "PNG")
+        mapping = {str(k + 1): class_names[c] for k, c in enumerate(labels)}
+        atomic_write_json(out / "instances" / f"{name}.json", mapping)
+        if image is None:
+            return
+        picture = image
+        if len(masks):
+            colours = [_instance_colour(k) for k in range(len(masks))]
+            picture = draw_segmentation_masks(picture, masks, alpha=self.alpha, colors=colours)
+            scores = instances["scores"].cpu()[order].tolist()
+            picture = draw_bounding_boxes(
+                picture, instances["boxes"].cpu()[order],
+                labels=[f"{class_names[c]} {s:.2f}" for c, s in zip(labels, scores, strict=True)],
+                colors=colours,
+            )  # fmt: skip
+        self._save(
+            Image.fromarray(picture.permute(1, 2, 0).numpy()),
+            out / "overlays" / f"{name}_instances.jpg", "JPEG", quality=90,
+        )  # fmt: skip
 
     @staticmethod
     def _save(image: Image.Image, path: Path, fmt: str, **options: Any) -> None:

@@ -5,9 +5,10 @@ from seglight.data.ade20k import ADE20K
 from seglight.data.base import DATASETS, SegmentationDataModule, SegmentationDataset
 from seglight.data.camvid import CamVid
 from seglight.data.camvid_full import CamVidFull
-from seglight.data.cityscapes import Cityscapes
-from seglight.data.coco import COCO, COCOStuff
+from seglight.data.cityscapes import Cityscapes, CityscapesInstances
+from seglight.data.coco import COCO, COCOInstances, COCOStuff
 from seglight.data.folder import Folder
+from seglight.data.folder_instances import FolderInstances
 from seglight.data.nyudv2 import NYUDv2
 from seglight.data.semi import SemiSupervised
 from seglight.data.sunrgbd import SUNRGBD
@@ -22,8 +23,11 @@ __all__ = [
     "CamVid",
     "CamVidFull",
     "Cityscapes",
+    "CityscapesInstances",
+    "COCOInstances",
     "COCOStuff",
     "Folder",
+    "FolderInstances",
     "NYUDv2",
     "SegmentationDataModule",
     "SegmentationDataset",

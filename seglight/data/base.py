@@ -412,7 +412,8 @@ def _verified_cache_file(pairs, num_classes, ignore_index, label_map) -> Path | 
 
 def collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
     """Stack samples; images of different sizes are padded (bottom/right) to the largest, with 0
-    (the mean colour after normalisation) in the image and the ignore index in the mask."""
+    (the mean colour after normalisation) in the image and the ignore index in the mask.
+    Instance data's `instances` (one dict per image) stay a list; their masks are padded with 0."""
     h = max(s["mask"].shape[-2] for s in samples)
     w = max(s["mask"].shape[-1] for s in samples)
     images = samples[0]["image"].new_zeros((len(samples), samples[0]["image"].shape[0], h, w))
@@ -421,7 +422,19 @@ def collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str,
         sh, sw = s["mask"].shape[-2:]
         images[i, :, :sh, :sw] = s["image"]
         masks[i, :sh, :sw] = s["mask"]
-    return {"image": images, "mask": masks, "name": [s["name"] for s in samples]}
+    batch = {"image": images, "mask": masks, "name": [s["name"] for s in samples]}
+    if "instances" in samples[0]:
+        batch["instances"] = [_pad_instances(s["instances"], h, w) for s in samples]
+    return batch
+
+
+def _pad_instances(instances: dict[str, torch.Tensor], h: int, w: int) -> dict[str, torch.Tensor]:
+    masks = instances["masks"]
+    if masks.shape[-2:] == (h, w):
+        return instances
+    padded = masks.new_zeros((len(masks), h, w))
+    padded[:, : masks.shape[-2], : masks.shape[-1]] = masks
+    return {**instances, "masks": padded}
 
 
 # --------------------------------------------------------------------------------- the datamodule
@@ -563,24 +576,29 @@ class SegmentationDataModule(L.LightningDataModule):
             dataset = self.build_dataset(split, train=split == "train")
             if len(dataset) == 0:
                 raise DataError(f"{type(self).__name__}: the {split} split is empty")
-            if self.check_masks and isinstance(dataset, SegmentationDataset):
-                what = f"{type(self).__name__} {split}"
-                summary = verify_pairs(
-                    dataset.pairs, self.num_classes, self.ignore_index, self.label_map, what
-                )
-                fitting = self.trainer is not None and self.trainer.state.fn == "fit"
-                if split == "train" and fitting and summary and not self.allow_empty_classes:
-                    lut = self.label_map
-                    ignored = (
-                        [self.ignore_index]
-                        if lut is None
-                        else np.flatnonzero(lut == self.ignore_index)
-                    )
-                    check_classes_present(
-                        summary["class_pixels"], self.class_names, summary["raw_values"],
-                        list(ignored), what,
-                    )  # fmt: skip
+            if self.check_masks:
+                self.verify(dataset, split)
             self.datasets[split] = dataset
+
+    def verify(self, dataset: Dataset, split: str) -> None:
+        """Check a split's labels before use (`check_masks`): every mask's values and size. A
+        dataset whose label files are not class-index masks overrides this with its own check."""
+        if not isinstance(dataset, SegmentationDataset):
+            return
+        what = f"{type(self).__name__} {split}"
+        summary = verify_pairs(
+            dataset.pairs, self.num_classes, self.ignore_index, self.label_map, what
+        )
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if split == "train" and fitting and summary and not self.allow_empty_classes:
+            lut = self.label_map
+            ignored = (
+                [self.ignore_index] if lut is None else np.flatnonzero(lut == self.ignore_index)
+            )
+            check_classes_present(
+                summary["class_pixels"], self.class_names, summary["raw_values"],
+                list(ignored), what,
+            )  # fmt: skip
 
     # ---------------------------------------------------------------------- loaders
     def resident_loader(self, split: str, batch_size: int, train: bool) -> Iterable[dict]:

@@ -8,8 +8,8 @@ Layout under `root`, as leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip
 Images are 1024x2048. The labelIds masks hold the 34 label ids of cityscapesScripts'
 helpers/labels.py; they are mapped to its 19 trainIds (road 7 -> 0, sidewalk 8 -> 1, ...,
 bicycle 33 -> 18) and every other id (unlabeled 0, ego vehicle 1, ..., license plate) to the
-ignore index 255. Only the labelIds files are read (not _color.png, _instanceIds.png or the
-polygons JSON).
+ignore index 255. Only the labelIds files are read (not _color.png or the polygons JSON); CityscapesInstances
+also reads _instanceIds.png (background + the 8 instance classes, for instance segmentation).
 
 Evaluation (validate) runs on full 1024x2048 images, as the benchmark scores them; training uses
 random crops (default 512x1024 after random scaling; 769x769 and 512x1024 are the common choices).
@@ -30,7 +30,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root
+from seglight.data.base import (
+    SegmentationDataModule,
+    SegmentationDataset,
+    dataset_root,
+    read_mask,
+)
+from seglight.data.instances import InstanceData, InstanceDataset
 from seglight.errors import DataError
 
 ARCHIVES = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
@@ -184,4 +190,92 @@ class Cityscapes(SegmentationDataModule):
         transform = self.train_transform() if train else self.eval_transform()
         return SegmentationDataset(
             pairs, self.num_classes, transform, self.label_map, self.ignore_index
+        )
+
+
+#: labelIds of the 8 classes with instances (cityscapesScripts labels.py: hasInstances and
+#: evaluated): person, rider, car, truck, bus, train, motorcycle, bicycle
+THING_LABEL_IDS = (24, 25, 26, 27, 28, 31, 32, 33)
+
+
+def instance_label_map() -> np.ndarray:
+    """256-entry lookup table of labelIds for CityscapesInstances' semantic mask: the 8 thing
+    labelIds -> 1..8, the 11 other evaluated (stuff) classes -> background 0, the rest -> 255."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for label_id in TRAIN_IDS:
+        lut[label_id] = 0
+    for k, label_id in enumerate(THING_LABEL_IDS):
+        lut[label_id] = k + 1
+    return lut
+
+
+class _CityscapesInstanceReader:
+    """gtFine instanceIds (id = labelId * 1000 + instance number; ids below 1000 are regions
+    without instances, such as crowds of cars) -> the masks of the 8 thing classes."""
+
+    label_of_label_id: ClassVar[dict[int, int]] = {
+        label_id: k + 1 for k, label_id in enumerate(THING_LABEL_IDS)
+    }
+
+    def __init__(self, paths: list[Path | None]) -> None:
+        self.paths = paths
+
+    def __call__(self, index: int, height: int, width: int) -> tuple:
+        from seglight.data.instances import masks_from_ids, no_instances
+
+        path = self.paths[index]
+        if path is None:  # the test split: no labels
+            return no_instances(height, width)
+        if not path.is_file():
+            raise DataError(
+                f"{str(path)!r} not found (is gtFine_trainvaltest.zip fully extracted?)"
+            )
+        ids = read_mask(path).astype(np.int64)
+        if ids.shape != (height, width):
+            raise DataError(
+                f"{str(path)!r} is {ids.shape[0]}x{ids.shape[1]} but its image is {height}x{width}"
+            )
+        instance_ids = np.unique(ids[ids >= 1000])
+        label_of = {
+            int(i): self.label_of_label_id[int(i) // 1000]
+            for i in instance_ids
+            if int(i) // 1000 in self.label_of_label_id
+        }
+        return masks_from_ids(ids, label_of)
+
+
+class CityscapesInstances(InstanceData, Cityscapes):
+    """Cityscapes fine instances: the 8 instance classes (person, rider, car, truck, bus, train,
+    motorcycle, bicycle) + background, from gtFine *_instanceIds.png.
+
+    9 classes: background 0 (the 11 stuff classes of the benchmark), then the 8 thing classes in
+    cityscapesScripts' order; labels outside the 19 evaluated ones are ignored (255), as in
+    Cityscapes. Instances: every instanceIds id >= 1000 of a thing class (id // 1000 is its
+    labelId); group regions (ids < 1000, e.g. "cargroup") are no instances but keep their class in
+    the semantic mask. Files and options: as Cityscapes, plus the *_gtFine_instanceIds.png
+    beside each labelIds file.
+    """
+
+    class_names: ClassVar[tuple[str, ...]] = (
+        "background", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    )  # fmt: skip
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = (
+        (0, 0, 0),
+        *(Cityscapes.palette[TRAIN_IDS[label_id]] for label_id in THING_LABEL_IDS),
+    )
+    label_map = instance_label_map()
+
+    def build_dataset(self, split: str, train: bool) -> InstanceDataset:
+        semantic = super().build_dataset(split, train)
+        paths = [
+            None if m is None else m.with_name(m.name.replace("_labelIds", "_instanceIds"))
+            for _, m in semantic.pairs
+        ]
+        return InstanceDataset(
+            semantic.pairs,
+            self.num_classes,
+            semantic.transform,
+            _CityscapesInstanceReader(paths),
+            self.label_map,
+            self.ignore_index,
         )

@@ -45,6 +45,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
 from seglight.data.base import SegmentationDataModule, SegmentationDataset, dataset_root, find_pairs
+from seglight.data.instances import InstanceData, InstanceDataset
 from seglight.data.utils import build_cache, cache_folder, source_digest
 from seglight.data.voc import voc_palette
 from seglight.errors import DataError
@@ -390,3 +391,73 @@ def _cache_is_current(folder: Path, digest: str) -> bool:
         return json.loads((folder / "manifest.json").read_text()).get("digest") == digest
     except (OSError, ValueError, AttributeError):
         return False
+
+
+class _COCOInstanceReader:
+    """Decodes the non-crowd annotations of one image into masks and class indices (picklable,
+    for loader workers)."""
+
+    def __init__(self, json_path: Path, stems: list[str], per_image: dict[str, list[tuple]]):
+        self.json_path = json_path
+        self.stems = stems
+        self.per_image = per_image  # stem -> [(class index, segmentation), ...]
+
+    def __call__(self, index: int, height: int, width: int) -> tuple[Any, Any]:
+        import torch
+
+        from seglight.data.instances import no_instances
+
+        stem = self.stems[index]
+        objects = self.per_image.get(stem, [])
+        if not objects:
+            return no_instances(height, width)
+        try:
+            masks = np.stack([decode_segmentation(s, height, width) for _, s in objects])
+        except Exception as e:  # noqa: BLE001 - pycocotools raises several types
+            raise DataError(
+                f"{str(self.json_path)!r}: cannot rasterise the annotations of image {stem!r}: {e!r}"
+            ) from e
+        labels = torch.tensor([k for k, _ in objects], dtype=torch.long)
+        return torch.from_numpy(masks.astype(np.uint8)), labels
+
+
+class COCOInstances(InstanceData, COCO):
+    """MS COCO 2017 instances: the 80 thing classes (+ background 0) as instance targets.
+
+    Each non-crowd annotation is one instance (its polygons or RLE decoded with pycocotools);
+    crowd regions (iscrowd 1) are no instances (and ignored, 255, in the semantic mask, as in
+    COCO). An annotation whose mask is empty (a zero-area box) is dropped, as torchvision's
+    detection reference drops boxes without area. The semantic mask is COCO's (the same files,
+    cache and rules). Files and options: as COCO.
+    """
+
+    def build_dataset(self, split: str, train: bool) -> InstanceDataset:
+        semantic = super().build_dataset(split, train)
+        json_path = self.root / "annotations" / f"instances_{split}2017.json"
+        stems = [image.stem for image, _ in semantic.pairs]
+        return InstanceDataset(
+            semantic.pairs,
+            self.num_classes,
+            semantic.transform,
+            _COCOInstanceReader(json_path, stems, self._instances(json_path)),
+            None,
+            self.ignore_index,
+        )
+
+    def _instances(self, json_path: Path) -> dict[str, list[tuple[int, Any]]]:
+        """stem -> [(class index 1..80, segmentation)] of the non-crowd annotations."""
+        try:
+            with open(json_path) as f:
+                data = json.load(f)
+            names = {e["id"]: Path(e["file_name"]).stem for e in data["images"]}
+            annotations = data["annotations"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read COCO annotations {str(json_path)!r}: {e}") from e
+        index = {cid: k + 1 for k, cid in enumerate(THING_IDS)}
+        per_image: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+        for ann in annotations:
+            if not ann.get("iscrowd"):
+                per_image[names[ann["image_id"]]].append(
+                    (index[ann["category_id"]], ann["segmentation"])
+                )
+        return dict(per_image)

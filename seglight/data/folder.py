@@ -69,8 +69,9 @@ def index_lut(
     return lut
 
 
-def read_classes_file(path: Path) -> dict[str, Any]:
-    """Parse and check classes.yaml -> {"classes", "palette", "ignore_index", "ignore_colors"}."""
+def read_classes_file(path: Path, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse and check classes.yaml -> {"classes", "palette", "ignore_index", "ignore_colors"},
+    plus the `extra_keys` a subclass's format adds (unchecked, None when absent)."""
     if not path.is_file():
         raise ConfigError(
             f"{str(path)!r} not found: a Folder dataset needs a {CLASSES_FILE} listing its "
@@ -81,10 +82,11 @@ def read_classes_file(path: Path) -> dict[str, Any]:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
-    unknown = set(spec) - {"classes", "palette", "ignore_index", "ignore_colors"}
+    keys = ("classes", "palette", "ignore_index", "ignore_colors", *extra_keys)
+    unknown = set(spec) - set(keys) if isinstance(spec, dict) else set()
     if not isinstance(spec, dict) or unknown:
         raise ConfigError(
-            f"{path}: expected the keys classes, palette, ignore_index, ignore_colors; "
+            f"{path}: expected the keys {', '.join(keys)}; "
             f"got {sorted(unknown) if isinstance(spec, dict) else spec!r}"
         )
     classes = spec.get("classes")
@@ -128,6 +130,7 @@ def read_classes_file(path: Path) -> dict[str, Any]:
         "ignore_index": ignore_index,
         "ignore_index_given": "ignore_index" in spec,
         "ignore_colors": ignore_colors,
+        **{key: spec.get(key) for key in extra_keys},
     }
 
 

@@ -7,6 +7,10 @@ Photometric jitter touches the image only. Padding fills the image with the mean
 normalisation) and the mask with the ignore label, so padded pixels never count.
 
 Randomness comes from torch's global generator, which the DataLoader seeds per worker.
+
+Masks may carry leading dimensions ([..., H, W]): every channel gets the same geometry. Instance
+data uses this (`WithInstances`): its binary instance masks [N, H, W] travel stacked under the
+semantic mask, so boxes, masks and image stay aligned by construction.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def denormalize(
 def rescale(
     image: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize image [C,H,W] (float) and mask [H,W] by `scale`."""
+    """Resize image [C,H,W] (float) and mask [..., H,W] by `scale`."""
     h, w = mask.shape[-2:]
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     if size == (h, w):
@@ -53,8 +57,9 @@ def rescale(
     )[0]
     # nearest-exact samples at pixel centres, like bilinear with align_corners=False; plain
     # "nearest" is shifted by half a pixel and would misalign mask and image
-    mask = F.interpolate(mask[None, None], size=size, mode="nearest-exact")[0, 0]
-    return image, mask
+    lead = mask.shape[:-2]
+    mask = F.interpolate(mask.reshape(1, -1, h, w), size=size, mode="nearest-exact")
+    return image, mask.reshape(*lead, *size)
 
 
 def pad_to_at_least(
@@ -64,7 +69,8 @@ def pad_to_at_least(
     fill: tuple[float, ...],
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (bottom/right) to at least `size`: image with `fill` per channel, mask with ignore_index."""
+    """Pad (bottom/right) to at least `size`: image with `fill` per channel, mask [..., H, W]
+    with ignore_index."""
     h, w = mask.shape[-2:]
     ph, pw = max(0, size[0] - h), max(0, size[1] - w)
     if ph == 0 and pw == 0:
@@ -72,21 +78,23 @@ def pad_to_at_least(
     out = torch.empty((image.shape[0], h + ph, w + pw), dtype=image.dtype, device=image.device)
     out[:] = torch.tensor(fill, dtype=image.dtype, device=image.device).view(-1, 1, 1)
     out[:, :h, :w] = image
-    padded = torch.full((h + ph, w + pw), ignore_index, dtype=mask.dtype, device=mask.device)
-    padded[:h, :w] = mask
+    padded = torch.full(
+        (*mask.shape[:-2], h + ph, w + pw), ignore_index, dtype=mask.dtype, device=mask.device
+    )
+    padded[..., :h, :w] = mask
     return out, padded
 
 
 def random_crop(
     image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random `size` window of image [C,H,W] and mask [H,W] (both at least that large)."""
+    """A random `size` window of image [C,H,W] and mask [..., H,W] (both at least that large)."""
     h, w = mask.shape[-2:]
     top = int(torch.randint(0, h - size[0] + 1, ()).item())
     left = int(torch.randint(0, w - size[1] + 1, ()).item())
     return (
         image[:, top : top + size[0], left : left + size[1]],
-        mask[top : top + size[0], left : left + size[1]],
+        mask[..., top : top + size[0], left : left + size[1]],
     )
 
 
@@ -126,6 +134,13 @@ def color_jitter(image: torch.Tensor, strength: float) -> torch.Tensor:
         return image
     lo, hi = 1 - strength, 1 + strength
     return adjust_colour(image, _uniform(lo, hi), _uniform(lo, hi), _uniform(lo, hi))
+
+
+def as_labels(mask: torch.Tensor) -> torch.Tensor:
+    """A semantic mask [H, W] as int64 (the label contract); stacked masks [K, H, W] (instance
+    data, see WithInstances) keep their dtype: int64 copies of many instance masks would take
+    eight times the memory."""
+    return mask.long() if mask.ndim == 2 else mask
 
 
 class TrainTransform:
@@ -171,7 +186,7 @@ class TrainTransform:
             image, mask = image.flip(-1), mask.flip(-1)
         if image.shape[0] == 3:
             image = color_jitter(image, self.color_jitter)
-        return normalize(image, self.mean, self.std), mask.long()
+        return normalize(image, self.mean, self.std), as_labels(mask)
 
 
 class EvalTransform:
@@ -185,7 +200,7 @@ class EvalTransform:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(image, self.mean, self.std), mask.long()
+        return normalize(image, self.mean, self.std), as_labels(mask)
 
 
 class Prescale:
@@ -200,3 +215,51 @@ class Prescale:
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(*rescale(image.float(), mask, self.scale))
+
+
+class WithInstances:
+    """A joint image+mask transform (TrainTransform, EvalTransform, Prescale) applied to the
+    semantic mask and binary instance masks at once, with the same random draws.
+
+    The instance masks uint8 [N, H, W] are stacked under the semantic mask (values 0..255) and
+    transformed as one [1 + N, H, W] mask: resized by nearest neighbour, padded, cropped and
+    flipped together. Padding writes the ignore index, which is not 1, so it leaves the instance
+    masks 0. Instances that leave the crop come back empty; `instance_targets` drops them.
+
+    Returns (image float [C, H', W'], mask int64 [H', W'], instance masks uint8 [N, H', W']).
+    """
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stacked = torch.cat([mask.to(torch.uint8)[None], masks.to(torch.uint8)])
+        image, stacked = self.transform(image, stacked)
+        return image, stacked[0].long(), (stacked[1:] == 1).to(torch.uint8)
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes float [N, 4] (x0, y0, x1, y1 in pixels, x1/y1 exclusive: a one-pixel mask has
+    area 1) of binary masks [N, H, W]; every mask must be non-empty."""
+    if len(masks) == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows, cols = masks.bool().any(2), masks.bool().any(1)  # [N, H], [N, W]
+    h, w = masks.shape[-2:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, w).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    return torch.stack([x0, y0, x1, y1], 1).float()
+
+
+def instance_targets(masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"boxes" float [N, 4] xyxy, "labels" int64 [N], "masks" uint8 [N, H, W]} of the non-empty
+    masks: instances with an empty mask (cropped away, or a zero-area annotation) are dropped, as
+    boxes without area can be neither learned nor scored."""
+    keep = masks.flatten(1).bool().any(1)
+    masks = masks[keep]
+    return {"boxes": mask_boxes(masks), "labels": labels[keep].long(), "masks": masks}

@@ -16,6 +16,7 @@ from seglight.models.hrnet_ocr import HRNetOCR, HRNetOCRNetwork
 from seglight.models.ksac import KSAC
 from seglight.models.linear_probe import LinearProbe, LinearProbeNetwork
 from seglight.models.linknet import LinkNet, LinkNetNetwork
+from seglight.models.maskrcnn import MaskRCNN, MaskRCNNNetwork
 from seglight.models.pspnet import PSPNet, PSPNetNetwork
 from seglight.models.refinenet import RefineNet, RefineNetNetwork
 from seglight.models.segformer import SegFormer, SegFormerNetwork
@@ -57,6 +58,8 @@ __all__ = [
     "LinearProbeNetwork",
     "LinkNet",
     "LinkNetNetwork",
+    "MaskRCNN",
+    "MaskRCNNNetwork",
     "MODELS",
     "PSPNet",
     "PSPNetNetwork",
