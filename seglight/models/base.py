@@ -122,6 +122,9 @@ class SegmentationModel(L.LightningModule):
     #: millions and GFLOPs (None where the paper gives none); the docstring names the table
     paper_params: ClassVar[float | None] = None
     paper_cost: ClassVar[PaperCost | None] = None  # the paper's FLOPs and their setting
+    #: trained from instance targets (batch["instances"]) by its own training_step rather than
+    #: from logits and the semantic mask (Mask R-CNN); generic loss-from-logits tests skip it
+    instance_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -29,6 +29,7 @@ DataModule, so the detector's own normalisation is the identity; it resizes imag
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNConvFCHead, RPNHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.resnet import resnet50
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
@@ -204,27 +205,45 @@ class MaskRCNNNetwork(nn.Module):
         anchors = AnchorGenerator(
             tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides)
         )
-        levels = [str(k) for k in range(len(strides) - 1)]
+        levels = [str(k) for k in range(len(strides) - 1)]  # "pool" is for the RPN only
         channels = backbone.out_channels
-        self.detector = TorchvisionMaskRCNN(
-            backbone,
-            num_classes=num_classes,
-            min_size=min_size,
-            max_size=max_size,
-            image_mean=[0.0] * in_channels,  # the DataModule normalises
-            image_std=[1.0] * in_channels,
-            box_score_thresh=box_score_thresh,
-            box_detections_per_img=detections_per_img,
-            rpn_anchor_generator=anchors,
-            rpn_head=RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
-            box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-            box_head=FastRCNNConvFCHead(
+        heads = {
+            "rpn_anchor_generator": anchors,
+            "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+            "box_roi_pool": MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+            "box_head": FastRCNNConvFCHead(
                 (channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
             ),
-            mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
-            mask_head=MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
-            **(detector_options or {}),
-        )
+            "mask_roi_pool": MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+            "mask_head": MaskRCNNHeads(
+                channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d
+            ),
+        }
+        known = {
+            *inspect.signature(TorchvisionMaskRCNN.__init__).parameters,
+            *inspect.signature(FasterRCNN.__init__).parameters,
+        } - {"self", "kwargs", "backbone", "num_classes"}
+        unknown = sorted(set(detector_options or {}) - known)
+        if unknown:  # torchvision would ignore them silently
+            raise ConfigError(
+                f"detector_options: unknown option(s) {unknown}; torchvision's MaskRCNN takes "
+                f"{', '.join(sorted(known))}"
+            )
+        try:
+            self.detector = TorchvisionMaskRCNN(
+                backbone,
+                num_classes=num_classes,
+                min_size=min_size,
+                max_size=max_size,
+                image_mean=[0.0] * in_channels,  # the DataModule normalises
+                image_std=[1.0] * in_channels,
+                box_score_thresh=box_score_thresh,
+                box_detections_per_img=detections_per_img,
+                **heads,
+                **(detector_options or {}),
+            )
+        except TypeError as e:  # a name in detector_options that is also set here
+            raise ConfigError(f"detector_options: {e} (see torchvision's MaskRCNN)") from e
 
     @property
     def encoder(self) -> nn.Module:
@@ -340,7 +359,7 @@ class MaskRCNN(SegmentationModel):
     """
 
     #: trained from instance targets by its own training_step, not from logits and a semantic
-    #: mask: the registry's generic "loss from logits" test does not apply (tests/test_models.py)
+    #: mask: the registry's generic loss-from-logits test skips it (tests/test_models.py)
     instance_model: ClassVar[bool] = True
 
     def __init__(
@@ -435,9 +454,15 @@ class MaskRCNN(SegmentationModel):
             self.instance_metrics[stage].update(
                 [self._binary(d) for d in out["detections"]],
                 [
-                    {"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"].bool()}
+                    # area: the mask's, for both box and mask AP, as COCO's annotations give it
+                    {
+                        "boxes": t["boxes"],
+                        "labels": t["labels"],
+                        "masks": t["masks"].bool(),
+                        "area": t["masks"].flatten(1).sum(1).float(),
+                    }
                     for t in batch["instances"]
-                ],
+                ],  # fmt: skip
             )
         return {"pred": pred}
 
@@ -531,11 +556,17 @@ class MaskRCNN(SegmentationModel):
 
 
 def _mean_ap(class_metrics: bool) -> nn.Module:
+    """torchmetrics' MeanAveragePrecision with COCOeval's own thresholds: its defaults come from
+    a float32 linspace (0.550000011920929, ...), which flips matches whose IoU is exactly a
+    threshold (common for masks on a pixel grid) and then differs from COCOeval."""
+    import numpy as np
     from torchmetrics.detection import MeanAveragePrecision
 
     return MeanAveragePrecision(
         box_format="xyxy",
         iou_type=("bbox", "segm"),
+        iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),  # as pycocotools' Params
+        rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
         backend="pycocotools",
         class_metrics=class_metrics,
     )
