@@ -4,13 +4,14 @@ editing this test."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, make_fake_camvid
-from fakes_zoo import make_fake_ade20k, make_fake_cityscapes, make_fake_voc
+from fakes_zoo import make_fake_ade20k, make_fake_cityscapes, make_fake_coco, make_fake_voc
 
 from seglight.cli import run
 
@@ -107,6 +108,18 @@ def test_experiment_runs_one_batch(path, tiny_camvid, tiny_voc, tmp_path, monkey
             args += ["--data.root", str(root), "--data.crop_size", "[64, 64]"]
     if data.endswith("Synthetic"):
         args += ["--data.num_train", "4", "--data.num_val", "2"]
+    if data.endswith("COCOInstances"):
+        make_fake_coco(tmp_path / "coco")
+        args += ["--data.root", str(tmp_path / "coco")]
+    if data.endswith("CityscapesInstances"):
+        args += ["--data.root", str(make_fake_cityscapes(tmp_path / "cityscapes"))]
+    model = yaml.safe_load(path.read_text()).get("model")
+    if isinstance(model, dict) and "min_size" in model.get("init_args", {}):
+        # a detector: its own resizing and its RoI counts shrunk to the tiny data
+        rois = {"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 50,
+                "box_batch_size_per_image": 32}  # fmt: skip
+        args += ["--model.min_size", "64", "--model.max_size", "96",
+                 "--model.detections_per_img", "10", "--model.detector_options", json.dumps(rois)]  # fmt: skip
     cli = run(args)
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1

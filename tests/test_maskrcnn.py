@@ -315,9 +315,12 @@ def test_cli_fit_validate_predict_on_tiny_coco_and_test_on_folder(tmp_path, monk
         assert (out / "overlays" / f"{stem}.jpg").is_file()
     # test (COCO has no labelled test split): FolderInstances, per-class AP in the table
     make_folder_instances(tmp_path / "cells", n=3, splits={"train": [0], "val": [1], "test": [2]})
-    cli = run(["test", "--model", "MaskRCNN", *SMALL_ARGS, "--data", "FolderInstances", "--data.root", str(tmp_path / "cells"),
-               "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-               "--model.box_score_thresh", "0.0", "--trainer.default_root_dir", str(tmp_path / "t")])  # fmt: skip
+    # the README's form for users' data: the COCO experiment with --data FolderInstances
+    cells = tmp_path / "cells"
+    run(["test", "--config", str(REPO / "experiments" / "maskrcnn.yaml"), *SMALL_ARGS,
+         "--data", "FolderInstances", "--data.root", str(cells), "--data.num_workers", "0",
+         "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--model.box_score_thresh",
+         "0.0", "--trainer.default_root_dir", str(tmp_path / "t")])  # fmt: skip
     test = json.loads((tmp_path / "t" / "metrics.json").read_text())["test"]
     assert {"mask_AP/cell", "mask_AP/nucleus", "bbox_AP/cell", "mIoU"} <= set(test)
 

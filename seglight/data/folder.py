@@ -173,6 +173,9 @@ class Folder(SegmentationDataModule):
         **kwargs: batch size, workers and augmentation: see SegmentationDataModule.
     """
 
+    #: keys a subclass's classes.yaml may add (FolderInstances: instance_class)
+    extra_class_keys: tuple[str, ...] = ()
+
     def __init__(
         self,
         root: str,
@@ -192,7 +195,8 @@ class Folder(SegmentationDataModule):
             if not 0 <= value < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
         self.root = Path(root).expanduser()
-        spec = read_classes_file(self.root / CLASSES_FILE)
+        spec = read_classes_file(self.root / CLASSES_FILE, self.extra_class_keys)
+        self.class_spec = spec
         if mask_format == "rgb" and spec["palette"] is None:
             raise ConfigError(
                 f"mask_format rgb needs a palette in {self.root / CLASSES_FILE}: one [r, g, b] per class"

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seglight.data.base import SegmentationDataModule, check_all, find_pairs
-from seglight.data.folder import CLASSES_FILE, Folder, read_classes_file
+from seglight.data.base import check_all, find_pairs
+from seglight.data.folder import CLASSES_FILE, Folder
 from seglight.data.instances import InstanceData, InstanceDataset, masks_from_ids
 from seglight.errors import ConfigError, DataError
 
@@ -148,6 +148,8 @@ class FolderInstances(InstanceData, Folder):
         **kwargs: batch size, workers and augmentation: see SegmentationDataModule.
     """
 
+    extra_class_keys = ("instance_class",)
+
     def __init__(
         self,
         root: str,
@@ -157,33 +159,32 @@ class FolderInstances(InstanceData, Folder):
         crop_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
-        # Folder's splits and pairing are reused, not its __init__: no masks/ or mask_format here
-        SegmentationDataModule.__init__(self, crop_size=crop_size, **kwargs)
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 <= value < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {value}")
-        self.root = Path(root).expanduser()
+        super().__init__(
+            root,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            crop_size=crop_size,
+            **kwargs,
+        )
+        if self.mask_format != "index":
+            raise ConfigError(
+                "FolderInstances reads instance-id images: mask_format does not apply"
+            )
         path = self.root / CLASSES_FILE
-        spec = read_classes_file(path, extra_keys=("instance_class",))
-        if len(spec["classes"]) < 2:
+        classes, instance_class = self.class_spec["classes"], self.class_spec["instance_class"]
+        if len(classes) < 2:
             raise ConfigError(
                 f"{path}: 'classes' needs the background and at least one instance class, got "
-                f"{spec['classes']}"
+                f"{classes}"
             )
-        instance_class = spec["instance_class"]
-        if instance_class is not None and instance_class not in spec["classes"][1:]:
+        if instance_class is not None and instance_class not in classes[1:]:
             raise ConfigError(
                 f"{path}: instance_class {instance_class!r} is not one of the instance classes "
-                f"{spec['classes'][1:]} (class 0 is the background)"
+                f"{classes[1:]} (class 0 is the background)"
             )
-        self.class_names = tuple(spec["classes"])
-        self.palette = tuple(tuple(c) for c in spec["palette"] or ())
         self.instance_class = instance_class
-        self.mask_format = "index"
-        self.label_map = None
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self._pairs = None
-        self.splits = tuple(s for s in ("train", "val", "test") if self._split_stems().get(s))
+        self.label_map = None  # the semantic mask comes from the ids (_FolderInstanceDataset)
 
     def _all_pairs(self) -> list[tuple[Path, Path]]:
         missing = [d for d in ("images", "instances") if not (self.root / d).is_dir()]

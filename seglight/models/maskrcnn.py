@@ -93,13 +93,16 @@ def instances_to_semantic(
     h, w = masks.shape[-2:]
     out = torch.zeros((num_classes, h, w), dtype=torch.float32, device=masks.device)
     keep = scores >= score_threshold
-    if keep.any():
-        probs = masks[keep].reshape(-1, h, w).float()
-        values = scores[keep].float().view(-1, 1, 1) * probs * (probs >= mask_threshold)
-        labels = labels[keep]
-        for c in labels.unique().tolist():  # a few classes per image: one max each
-            out[c] = values[labels == c].amax(0)
-    out[0] = (out[1:].amax(0) <= 0).float() if num_classes > 1 else 1.0
+    if not keep.any():
+        out[0] = 1.0
+        return out
+    probs = masks[keep].reshape(-1, h, w).float()
+    values = torch.where(probs >= mask_threshold, probs * scores[keep].float().view(-1, 1, 1), 0.0)
+    labels = labels[keep]
+    for c in labels.unique().tolist():  # a few classes per image: one max each
+        out[c] = values[labels == c].amax(0)
+    # the background where no instance is: from the N kept instances, not the C class maps
+    out[0] = (values.amax(0) <= 0).float()
     return out
 
 
