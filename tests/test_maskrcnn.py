@@ -197,6 +197,9 @@ def test_network_semantic_output_at_odd_sizes_and_training_losses():
         assert model(torch.randn(2, 3, 97, 131)).shape == (2, 3, 97, 131)
         out = model.net(torch.randn(1, 3, 33, 47))
     assert set(out["detections"][0]) == {"boxes", "labels", "scores", "masks"}
+    gray = MaskRCNN(num_classes=3, in_channels=1, **SMALL).eval()
+    with torch.no_grad():
+        assert gray(torch.randn(1, 1, 45, 61)).shape == (1, 3, 45, 61)
     model.train()
     masks = torch.zeros(2, 40, 48, dtype=torch.uint8)
     masks[0, 5:20, 4:30] = 1

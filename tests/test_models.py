@@ -61,7 +61,16 @@ def test_logits_at_input_size_and_backward_reaches_every_parameter(name, batch, 
         assert model(x).shape == (batch, 5, h, w)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# an instance model's defaults (Mask R-CNN: 800-pixel images, 1000 RoIs through a 4-conv box
+# head) take tens of seconds on a CPU: slow here; tests/test_maskrcnn.py checks the same contract
+# in the default run on a small configuration
+CHANNEL_CASES = [
+    pytest.param(n, marks=pytest.mark.slow) if MODELS[n].instance_model else n
+    for n in sorted(MODELS)
+]
+
+
+@pytest.mark.parametrize("name", CHANNEL_CASES)
 def test_other_input_channels(name):
     model = build(name, num_classes=3, in_channels=1).eval()
     with torch.no_grad():
