@@ -3,7 +3,7 @@
 Layout under `root`, as leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip unpack into it:
 
     leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png    2,975 / 500 / 1,525
-    gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+    gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png (and _instanceIds.png)
 
 Images are 1024x2048. The labelIds masks hold the 34 label ids of cityscapesScripts'
 helpers/labels.py; they are mapped to its 19 trainIds (road 7 -> 0, sidewalk 8 -> 1, ...,
@@ -245,10 +245,9 @@ class _CityscapesInstanceReader:
 
 
 class CityscapesInstances(InstanceData, Cityscapes):
-    """Cityscapes fine instances: the 8 instance classes (person, rider, car, truck, bus, train,
-    motorcycle, bicycle) + background, from gtFine *_instanceIds.png.
+    """Cityscapes fine instances: background + the 8 instance classes, from gtFine instanceIds.
 
-    9 classes: background 0 (the 11 stuff classes of the benchmark), then the 8 thing classes in
+    The classes: person, rider, car, truck, bus, train, motorcycle, bicycle. 9 classes: background 0 (the 11 stuff classes of the benchmark), then the 8 thing classes in
     cityscapesScripts' order; labels outside the 19 evaluated ones are ignored (255), as in
     Cityscapes. Instances: every instanceIds id >= 1000 of a thing class (id // 1000 is its
     labelId); group regions (ids < 1000, e.g. "cargroup") are no instances but keep their class in

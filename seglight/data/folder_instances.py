@@ -136,8 +136,9 @@ class _FolderInstanceDataset(InstanceDataset):
 
 
 class FolderInstances(InstanceData, Folder):
-    """Your own instance data: images/ + instances/ (8/16-bit ids), classes.yaml (see the module
-    docstring for the layout, the class rules and the errors).
+    """Your own instance data: images/, 8/16-bit instance-id images/, classes.yaml.
+
+    See the module docstring for the layout, the class rules and the errors.
 
     Args:
         root: the folder holding classes.yaml, images/, instances/ and optionally splits/.
