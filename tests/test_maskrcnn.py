@@ -1,6 +1,6 @@
 """Mask R-CNN: the instance -> semantic conversion, COCO mask/box AP against pycocotools' COCOeval
 run directly, the network in training and evaluation, torchvision's COCO weights from a local
-file, the CLI (fit, validate, test, predict) on tiny instance data, and DDP."""
+file, the CLI (fit, test, predict) on tiny instance data, and DDP."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def test_network_semantic_output_at_odd_sizes_and_training_losses():
     model = MaskRCNN(num_classes=3, **SMALL)
     model.eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 97, 131)).shape == (2, 3, 97, 131)
+        assert model(torch.randn(1, 3, 97, 131)).shape == (1, 3, 97, 131)
         out = model.net(torch.randn(1, 3, 33, 47))
     assert set(out["detections"][0]) == {"boxes", "labels", "scores", "masks"}
     gray = MaskRCNN(num_classes=3, in_channels=1, **SMALL).eval()
@@ -282,7 +282,7 @@ def test_coco_weights_from_a_local_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI
-def test_cli_fit_validate_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
+def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_fake_coco(tmp_path / "coco")
     common = ["--config", str(REPO / "experiments" / "maskrcnn.yaml"), *SMALL_ARGS,
@@ -300,9 +300,6 @@ def test_cli_fit_validate_predict_on_tiny_coco_and_test_on_folder(tmp_path, monk
     for key in ("mIoU", "mask_mAP", "mask_mAP50", "bbox_mAP", "bbox_mAP75", "mask_mAP_small"):
         assert key in summary["val"], key
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    cli = run(["validate", *common, "--ckpt_path", str(ckpt),
-               "--trainer.default_root_dir", str(tmp_path / "val")])  # fmt: skip
-    assert "val/mask_mAP" in cli.trainer.callback_metrics
     out = tmp_path / "predictions"
     run(["predict", *common, "--ckpt_path", str(ckpt), "--model.semantic_score_thresh", "0.0",
          "--trainer.callbacks+=seglight.callbacks.PredictionWriter",

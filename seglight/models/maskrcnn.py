@@ -280,6 +280,17 @@ class MaskRCNNNetwork(nn.Module):
         return {"out": semantic, "detections": detections}
 
 
+def check_weights_path(path: str | Path) -> Path:
+    """`path` as a Path, or a one-line ConfigError when there is no such file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"weights: no such file {str(path)!r}; seglight never downloads weights: fetch "
+            f"torchvision's COCO weights once ({COCO_WEIGHTS_URL}) and pass the local file"
+        )
+    return path
+
+
 def load_coco_weights(detector: nn.Module, path: str | Path, class_names: list[str]) -> list[str]:
     """Load torchvision's COCO Mask R-CNN v2 state dict from a local file into `detector`.
 
@@ -289,12 +300,7 @@ def load_coco_weights(detector: nn.Module, path: str | Path, class_names: list[s
     is an error naming the file. Returns the class names that got COCO rows."""
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"weights: no such file {str(path)!r}; seglight never downloads weights: fetch "
-            f"torchvision's COCO weights once ({COCO_WEIGHTS_URL}) and pass the local file"
-        )
+    path = check_weights_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -390,6 +396,8 @@ class MaskRCNN(SegmentationModel):
             raise ConfigError(
                 "weights: torchvision's COCO weights are for encoder resnet50 on 3-channel images"
             )
+        if weights is not None:
+            check_weights_path(weights)  # before building the network: fail fast
         self.net = MaskRCNNNetwork(
             self.num_classes,
             self.in_channels,
