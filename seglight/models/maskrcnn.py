@@ -21,6 +21,10 @@ other model. Class c's score at a pixel is the maximum over the detected instanc
 mask_threshold; the background's score is 1 where no instance is, else 0. `forward(image)`
 returns these scores [B, num_classes, H, W] at the input's size.
 
+Deviation from the official COCO evaluation: crowd regions are not in the targets (the data
+excludes them), so a detection on a crowd counts as a false positive where COCOeval would ignore
+it; AP on COCO val2017 is therefore slightly lower than the official figure.
+
 Data: class 0 is the background (torchvision's convention too); the DataModule must carry
 instances (COCOInstances, CityscapesInstances, FolderInstances). Images arrive normalised by the
 DataModule, so the detector's own normalisation is the identity; it resizes images to `min_size`
