@@ -350,7 +350,7 @@ class MaskRCNN(SegmentationModel):
     metrics of every model (val/mIoU, ... from `instances_to_semantic`) and by COCO box and mask
     AP (val/mask_mAP, val/mask_mAP50, val/mask_mAP75, val/mask_mAP_small/medium/large, the same
     as val/bbox_*; per class at test: test/mask_AP/<class>), torchmetrics' MeanAveragePrecision
-    with the pycocotools backend, synced across DDP ranks. The semantic-loss options of the base
+    with the pycocotools backend, over the images of every DDP rank. The semantic-loss options of the base
     model (loss, class_weights, aux_weight, ...) do not apply.
 
     Args:
@@ -503,7 +503,8 @@ class MaskRCNN(SegmentationModel):
         metric = self.instance_metrics[stage]
         if not metric.groundtruth_labels and not metric.detection_labels:
             return logs  # nothing to score (e.g. data without instances)
-        values = metric.compute()  # synced across ranks by torchmetrics
+        _gather_states(metric)  # every rank now holds every image's detections and targets
+        values = metric.compute()
         metric.reset()
         ap: dict[str, torch.Tensor] = {}
         for iou, name in (("segm", "mask"), ("bbox", "bbox")):
@@ -584,7 +585,37 @@ def _mean_ap(class_metrics: bool) -> nn.Module:
         rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
         backend="pycocotools",
         class_metrics=class_metrics,
+        sync_on_compute=False,  # _gather_states does it: ranks may hold different image counts
     )
+
+
+def _gather_states(metric: nn.Module) -> None:
+    """Concatenate the metric's list states (one entry per image) over the DDP ranks, on every
+    rank. torchmetrics' own sync gathers list entries one by one, which needs the same number
+    of images on every rank; seglight's evaluation sampler gives ranks uneven shares (no sample
+    is repeated), so its collectives would not match."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    names = list(metric._defaults)
+    local = {
+        name: [x.cpu() if isinstance(x, torch.Tensor) else x for x in getattr(metric, name)]
+        for name in names
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    device = metric.device
+    for name in names:
+        setattr(
+            metric,
+            name,
+            [
+                x.to(device) if isinstance(x, torch.Tensor) else x
+                for rank in gathered
+                for x in rank[name]
+            ],
+        )
 
 
 def _undefined_to_nan(value: torch.Tensor) -> torch.Tensor:
