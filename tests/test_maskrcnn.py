@@ -321,7 +321,8 @@ def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
          "--data", "FolderInstances", "--data.root", str(cells), "--data.num_workers", "0",
          "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--model.box_score_thresh",
          "0.0", "--trainer.default_root_dir", str(tmp_path / "t")])  # fmt: skip
-    test = json.loads((tmp_path / "t" / "metrics.json").read_text())["test"]
+    summary = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    test = next(e["metrics"] for e in summary["evaluations"] if e["stage"] == "test")
     assert {"mask_AP/cell", "mask_AP/nucleus", "bbox_AP/cell", "mIoU"} <= set(test)
 
 
@@ -354,7 +355,8 @@ def test_ddp_validation_gives_the_same_map_as_one_process(tmp_path):
         run_cli(["validate", *common, "--ckpt_path", ckpt, "--trainer.strategy", "ddp",
                  "--trainer.devices", devices, "--trainer.default_root_dir", str(out)],
                 cwd=tmp_path)  # fmt: skip
-        results[devices] = json.loads((out / "metrics.json").read_text())["val"]
+        (evaluation,) = json.loads((out / "metrics.json").read_text())["evaluations"]
+        results[devices] = evaluation["metrics"]
     single, ddp = results["1"], results["2"]
     # acc is the background share over all 5 images: a lost or repeated image changes it (after
     # 2 steps the AP may be 0; test_map_gather_over_two_processes checks non-zero AP)
