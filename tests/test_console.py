@@ -61,17 +61,32 @@ def test_progress_bar_shows_val_miou_and_the_best_without_v_num():
 
 
 # ----------------------------------------------------------------------------- noise
-def test_known_noise_is_silenced_and_the_rest_kept(caplog):
+def test_known_noise_is_silenced_and_the_rest_kept():
     from lightning.pytorch.utilities import rank_zero_info
 
     from seglight.utils import silence_known_noise
 
-    silence_known_noise()
-    with caplog.at_level(logging.INFO):
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    # a handler on Lightning's own logger: pytest's caplog sits on the root logger, which Lightning
+    # cuts off (propagate=False) when it is imported before any handler exists
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records = Records()
+    logger.addHandler(records)
+    try:
+        silence_known_noise()
         rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
         rank_zero_info("Trainer already configured with model summary callbacks: [...]")
         rank_zero_info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+    finally:
+        logger.removeHandler(records)
+    assert records.messages == ["GPU available: False, used: False"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         silence_known_noise()  # after simplefilter: the filter goes first again
