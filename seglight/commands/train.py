@@ -444,8 +444,14 @@ class SeglightCLI(LightningCLI):
         the datasets are built once). Rank zero checks before launching the other ranks."""
         if os.environ.get("LOCAL_RANK") not in (None, "0"):
             return
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        # the state Lightning's own setup call would see (it sets both again): checks that hold
+        # only when fitting (e.g. a class with no training pixels) must see that they are
+        self.datamodule.trainer = self.trainer
+        self.trainer.state.fn = TrainerFn(self.subcommand)  # the stages are named as the commands
         self.datamodule.prepare_data()
-        self.datamodule.setup(self.subcommand)  # the stages are named as the subcommands
+        self.datamodule.setup(self.subcommand)
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
