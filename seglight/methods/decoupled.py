@@ -281,6 +281,8 @@ class DecoupledNet(SegmentationModel):
             are the method's).
     """
 
+    trains_on_logits = False  # see SegmentationModel.trains_on_logits
+
     def __init__(
         self,
         background_index: int | None = None,

@@ -125,6 +125,10 @@ class SegmentationModel(L.LightningModule):
     #: trained from instance targets (batch["instances"]) by its own training_step rather than
     #: from logits and the semantic mask (Mask R-CNN); generic loss-from-logits tests skip it
     instance_model: ClassVar[bool] = False
+    #: False for a model whose training objective is not `loss` on its logits (DecoupledNet:
+    #: image-level BCE plus per-class figure-ground losses; its logits are log-probabilities of
+    #: the detected classes only): the registry's initial-loss check does not apply to it
+    trains_on_logits: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -41,7 +41,7 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, init_weights, resize_to
+from seglight.nn import ConvNormAct, classifier_conv, init_weights, resize_to
 from seglight.nn.context import norm_pooled
 from seglight.profile import PaperCost
 
@@ -150,7 +150,7 @@ class SegHead(nn.Sequential):
             norm_act_conv(in_channels, channels, 3),
             nn.BatchNorm2d(channels),
             nn.ReLU(),
-            nn.Conv2d(channels, num_classes, 1),
+            classifier_conv(channels, num_classes, 1),
         )
 
 

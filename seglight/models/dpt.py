@@ -35,7 +35,15 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
+from seglight.nn import (
+    ConvNormAct,
+    TimmEncoder,
+    classifier_conv,
+    init_weights,
+    pad_to_multiple,
+    resize_to,
+    unpad,
+)
 
 
 def vit_encoder(
@@ -155,7 +163,7 @@ class DPTNetwork(nn.Module):
         self.head = nn.Sequential(
             ConvNormAct(channels, channels, 3),
             nn.Dropout2d(dropout),
-            nn.Conv2d(channels, num_classes, 1),
+            classifier_conv(channels, num_classes, 1),
         )
         self.frozen = freeze_encoder
         if freeze_encoder:

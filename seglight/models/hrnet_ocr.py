@@ -35,7 +35,15 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
+from seglight.nn import (
+    ConvNormAct,
+    TimmEncoder,
+    classifier_conv,
+    init_weights,
+    pad_to_multiple,
+    resize_to,
+    unpad,
+)
 
 
 class ObjectContext(nn.Module):
@@ -103,11 +111,11 @@ class HRNetOCRNetwork(nn.Module):
         )
         width = sum(self.encoder.channels[-4:])
         self.aux_head = nn.Sequential(
-            ConvNormAct(width, width, 1), nn.Conv2d(width, num_classes, 1)
+            ConvNormAct(width, width, 1), classifier_conv(width, num_classes, 1)
         )
         self.pixel = ConvNormAct(width, ocr_channels, 3)
         self.ocr = ObjectContext(ocr_channels, key_channels)
-        self.classifier = nn.Conv2d(ocr_channels, num_classes, 1)
+        self.classifier = classifier_conv(ocr_channels, num_classes, 1)
         for module in (self.aux_head, self.pixel, self.ocr, self.classifier):
             init_weights(module)
 

@@ -40,7 +40,15 @@ from torch import nn
 
 from seglight.errors import ConfigError
 from seglight.models.base import SegmentationModel
-from seglight.nn import ConvNormAct, TimmEncoder, init_weights, pad_to_multiple, resize_to, unpad
+from seglight.nn import (
+    ConvNormAct,
+    TimmEncoder,
+    classifier_conv,
+    init_weights,
+    pad_to_multiple,
+    resize_to,
+    unpad,
+)
 from seglight.profile import PaperCost
 
 Variant = Literal["b0", "b1", "b2", "b3", "b4", "b5"]
@@ -110,7 +118,9 @@ class SegFormerNetwork(nn.Module):
         )
         channels = decoder_channels or DECODER_CHANNELS[variant]
         self.decoder = AllMLPDecoder(self.encoder.channels, channels)
-        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        self.classifier = nn.Sequential(
+            nn.Dropout2d(dropout), classifier_conv(channels, num_classes, 1)
+        )
         init_weights(self.decoder)
         init_weights(self.classifier)
 

@@ -41,6 +41,7 @@ from seglight.nn import (
     ConvNormAct,
     FCNHead,
     TimmEncoder,
+    classifier_conv,
     init_weights,
     pad_to_multiple,
     resize_to,
@@ -122,7 +123,9 @@ class UPerNetNetwork(nn.Module):
             + (f" with encoder_indices {list(encoder_indices)}" if encoder_indices else ""),
         )
         self.decoder = UPerHead(self.neck.channels, channels, tuple(bins))
-        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        self.classifier = nn.Sequential(
+            nn.Dropout2d(dropout), classifier_conv(channels, num_classes, 1)
+        )
         self.aux_head = FCNHead(self.neck.channels[2], num_classes) if aux else None
         for module in (self.neck, self.decoder, self.classifier, self.aux_head):
             if module is not None:

@@ -65,7 +65,7 @@ class FCNHead(nn.Sequential):
         dropout: float = 0.1,
     ) -> None:
         layers = [ConvNormAct(in_channels if i == 0 else channels, channels) for i in range(convs)]
-        super().__init__(*layers, nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        super().__init__(*layers, nn.Dropout2d(dropout), classifier_conv(channels, num_classes))
 
 
 class DoubleConv(nn.Sequential):
@@ -127,13 +127,24 @@ def init_weights(module: nn.Module, mode: str = "fan_out", uniform: bool = False
     """
     init = nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        if getattr(m, "is_classifier", False):  # made by classifier_conv: logits start small
+            init_classifier(m)
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             init(m.weight, mode=mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def classifier_conv(in_channels: int, num_classes: int, kernel_size: int = 1) -> nn.Conv2d:
+    """The convolution producing the logits [B, num_classes, h, w]. It is marked, so that
+    `init_weights` over a whole network gives it `init_classifier`'s init (not He's), whatever
+    order a model initialises its parts in."""
+    conv = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
+    conv.is_classifier = True
+    return conv
 
 
 def init_classifier(conv: nn.Conv2d | nn.ConvTranspose2d, std: float | None = None) -> None:
