@@ -176,7 +176,9 @@ class MetricsSummary(L.Callback):
             epoch, step = trainer.current_epoch, trainer.global_step
             summary.update(epoch=epoch, step=step)
             best = summary.get("best_val") or {}
-            if values.get("mIoU") is not None and values["mIoU"] >= (best.get("mIoU") or -1):
+            # strictly better, as ModelCheckpoint decides: on a tie the first epoch stays the
+            # best, so best_val describes the best checkpoint
+            if values.get("mIoU") is not None and values["mIoU"] > (best.get("mIoU") or -1):
                 summary["best_val"] = {**values, "epoch": epoch}
             if trainer.state.fn == "fit":
                 point = {k: values.get(k) for k in ("mIoU", "acc", "mAcc", "loss")}

@@ -248,7 +248,8 @@ def test_test_command_with_flip_and_sliding_window(trained_run, tmp_path, monkey
     )  # fmt: skip
     cfg = cli.model.inference
     assert cfg.flip and cfg.mode == "slide" and cfg.window == (16, 16) and cfg.scales == [0.75, 1.0]
-    reported = json.loads((out / "metrics.json").read_text())["test"]
+    evaluations = json.loads((out / "metrics.json").read_text())["evaluations"]
+    reported = [e for e in evaluations if e["stage"] == "test"][-1]["metrics"]
     # independent count with the same recipe, run by hand
     from seglight.data import CamVid
 
