@@ -287,6 +287,7 @@ def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
     make_fake_coco(tmp_path / "coco")
     common = ["--config", str(REPO / "experiments" / "maskrcnn.yaml"), *SMALL_ARGS,
               "--data.root", str(tmp_path / "coco"), "--data.num_workers", "0",
+              "--data.allow_empty_classes", "true",
               "--trainer.accelerator", "cpu"]  # fmt: skip
     run_dir = tmp_path / "run"
     cli = run(
