@@ -81,6 +81,8 @@ def test_known_noise_is_silenced_and_the_rest_kept(monkeypatch):
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     records = Records()
     logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # `bench` quiets Lightning's INFO in-process (tests run it)
     try:
         silence_known_noise()
         rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
@@ -88,6 +90,7 @@ def test_known_noise_is_silenced_and_the_rest_kept(monkeypatch):
         rank_zero_info("GPU available: False, used: False")
     finally:
         logger.removeHandler(records)
+        logger.setLevel(level)
     assert records.messages == ["GPU available: False, used: False"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
