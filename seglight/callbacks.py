@@ -640,8 +640,8 @@ class LogPerClassMetrics(L.Callback):
     normalised, as a W&B image (`<stage>/confusion_matrix`), from the model's own metric state
     (the counts behind `val/mIoU`, summed over DDP ranks). Logged after each validation every
     `every_n_epochs` epochs during fit and after the last one, and after every `validate` and
-    `test`; the last confusion matrix of a fit, validate or test is also saved as
-    <run dir>/confusion_<stage>.png.
+    `test`; the last confusion matrix of a fit is also saved as <run dir>/confusion_val.png, and
+    each evaluation's beside its config (confusion_test_1.png with config_test_1.yaml).
 
     Args:
         every_n_epochs: during fit, log to W&B every this many epochs (and the last validation).
@@ -706,7 +706,7 @@ class LogPerClassMetrics(L.Callback):
         if not loggers and not save:
             return
         names = list(getattr(pl_module, "class_names", None) or range(len(confmat)))
-        path = Path(trainer.default_root_dir) / f"confusion_{stage}.png" if save else None
+        path = _confusion_path(trainer, stage) if save else None
         title = _confusion_title(type(pl_module).__name__, stage, confmat, self._epoch(trainer))
         try:
             image = plot_confusion(confmat, names, path, title=title)
@@ -734,6 +734,22 @@ class LogPerClassMetrics(L.Callback):
     def _epoch(self, trainer: L.Trainer) -> int | None:
         """The epoch the weights come from: this fit's, or the evaluated checkpoint's."""
         return trainer.current_epoch if trainer.state.fn == "fit" else self._ckpt_epoch
+
+
+def _confusion_path(trainer: L.Trainer, stage: str) -> Path:
+    """<run dir>/confusion_<stage>.png for fit's last validation; an evaluation's is named after
+    its config (config_test_2.yaml -> confusion_test_2.png), so it never replaces the training's
+    image or an earlier evaluation's."""
+    run_dir = Path(trainer.default_root_dir)
+    if trainer.state.fn == "fit":
+        return run_dir / f"confusion_{stage}.png"
+    config = getattr(trainer, EVALUATION_CONFIG_ATTR, None)  # set by the CLI
+    if config:
+        return run_dir / Path(config.replace("config_", "confusion_", 1)).with_suffix(".png")
+    n = 1  # a Trainer used without the CLI: the next free number
+    while (run_dir / f"confusion_{trainer.state.fn.value}_{n}.png").exists():
+        n += 1
+    return run_dir / f"confusion_{trainer.state.fn.value}_{n}.png"
 
 
 def _confusion_title(model: str, stage: str, confmat: torch.Tensor, epoch: int | None) -> str:

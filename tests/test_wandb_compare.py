@@ -245,7 +245,11 @@ def test_per_class_table_after_test(offline_fit):
     for name, iou, *_ in tables[0][1]["data"]:
         expected = newest_test(summary)[f"IoU/{name}"]
         assert iou == pytest.approx(expected, abs=1e-6) if expected is not None else iou is None
-    assert (run_dir / "confusion_test.png").is_file()
+    # beside the test's config, the training's image kept (an evaluation never replaces it)
+    assert (run_dir / "confusion_test_1.png").is_file() and (
+        run_dir / "config_test_1.yaml"
+    ).is_file()
+    assert (run_dir / "confusion_val.png").is_file()
     # the title says which checkpoint (its epoch) and its score, not "step 0"
     best = summary["best_val"]["epoch"]  # the fixture tests the best checkpoint
     title = f"UNet test, epoch {best}: mIoU {100 * newest_test(summary)['mIoU']:.1f}%"
