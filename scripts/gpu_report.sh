@@ -76,8 +76,17 @@ for step in $steps; do
 import json, sys
 m = json.load(open(sys.argv[1]))
 hist = m.get("history", [])
-print("validations:", [(h["epoch"], round(100 * (h["mIoU"] or 0), 2)) for h in hist])
-print("best val:", m.get("best_val"), "test:", m.get("test"), "throughput:", m.get("throughput"))
+print("validations (epoch, val mIoU %, wall s):",
+      [(h["epoch"], round(100 * (h["mIoU"] or 0), 2), h.get("wall_s")) for h in hist])
+for target in (0.5, 0.6):
+    hit = next((h for h in hist if (h["mIoU"] or 0) >= target), None)
+    print(f"time to {target:.0%} val mIoU:",
+          f"{hit['wall_s']} s (epoch {hit['epoch']})" if hit else "not reached")
+tests = [e for e in m.get("evaluations", []) if e.get("stage") == "test"]
+best = m.get("best_val") or {}
+print("best val mIoU:", best.get("mIoU"), "epoch", best.get("epoch"),
+      "| test mIoU:", tests[-1]["metrics"].get("mIoU") if tests else None,
+      "| throughput:", m.get("throughput"))
 EOF
   fi
 done

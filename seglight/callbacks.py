@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.callbacks import RichModelSummary as _RichModelSummary
 from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
@@ -42,7 +43,8 @@ class MetricsSummary(L.Callback):
 
     {"model": ..., "data": ..., "params": ..., "git": {...}, "val": {metric: value}, "best_val":
     {... of the epoch with the best val/mIoU}, "epoch": ..., "step": ...,
-    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss"} for each validation],
+    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss", "wall_s"} for each validation;
+    wall_s: seconds since the fit started, sanity check included, continued across a resume],
     "throughput": {"train_images_per_s", "train_images", "train_seconds"},
     "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...],
     "evaluations": [{"stage", "checkpoint", "checkpoint_epoch", "checkpoint_step", "inference",
@@ -67,11 +69,17 @@ class MetricsSummary(L.Callback):
         self._memory: dict[str, Any] = {}
         self._hooks: Any = None
         self._checkpoint: dict[str, Any] = {}  # epoch and step of a loaded checkpoint
+        self._wall_start: float | None = None
+        self._wall_offset = 0.0
 
     # ----------------------------------------------------------------------------- throughput
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        # wall time for the history (time to accuracy); a resumed fit continues its clock
+        history = _read_summary(trainer).get("history") if trainer.ckpt_path else None
+        self._wall_offset = (history[-1].get("wall_s") or 0.0) if history else 0.0
+        self._wall_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None  # the first batch includes the loader's start: not timed
@@ -182,6 +190,9 @@ class MetricsSummary(L.Callback):
                 summary["best_val"] = {**values, "epoch": epoch}
             if trainer.state.fn == "fit":
                 point = {k: values.get(k) for k in ("mIoU", "acc", "mAcc", "loss")}
+                if self._wall_start is not None:  # seconds since the fit started
+                    wall = self._wall_offset + time.perf_counter() - self._wall_start
+                    point["wall_s"] = round(wall, 2)
                 # a resumed run may validate a step again: one point per step
                 history = [h for h in summary.get("history", []) if h.get("step") != step]
                 summary["history"] = [*history, {**point, "epoch": epoch, "step": step}]
@@ -571,6 +582,24 @@ class RichModelSummary(_RichModelSummary):
             f"[bold]Size[/]: {get_formatted_model_size(model_size)} MB   "
             f"[bold]Modules in train/eval mode[/]: {total_training_modes['train']}/{total_training_modes['eval']}"
         )  # fmt: skip
+
+
+class LearningRateMonitor(_LearningRateMonitor):
+    """Lightning's LearningRateMonitor (learning rates, momentum, weight decay to every logger),
+    which does nothing when the run has no logger (`--trainer.logger false`) instead of stopping
+    the fit with a MisconfigurationException: the defaults file lists it for every experiment."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class LogPredictions(L.Callback):

@@ -5,7 +5,9 @@ what a round allocates, and the data part measures both loader paths."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -56,7 +58,12 @@ def cpu_runner() -> Runner:
 
 def test_bench_runs_seglight_and_the_raw_loop_interleaved(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.setLevel(logging.INFO)
+    filters = list(warnings.filters)
     results = run([*TINY, *FAST, "--peers", "raw", "--json", str(out)])
+    # quiet during the bench only: the process's logging and warning filters are as before
+    assert lightning_log.level == logging.INFO and warnings.filters == filters
     assert json.loads(out.read_text())["setup"]["model"] == "UNet"
     for kind in ("train", "infer"):
         rows = results[kind]

@@ -57,6 +57,8 @@ def test_fit_writes_run_dir_with_checkpoints_config_and_metrics(trained):
     assert metrics["model"] == "UNet" and metrics["data"] == "CamVid" and metrics["epoch"] == 1
     assert 0.0 <= metrics["val"]["mIoU"] <= 1.0
     assert set(metrics["val"]) >= {"mIoU", "acc", "mAcc", "IoU/Sky", "IoU/Bicyclist"}
+    walls = [h["wall_s"] for h in metrics["history"]]  # time to accuracy
+    assert len(walls) == 2 and 0 < walls[0] < walls[1], walls
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # the data's classes were linked into the model, never typed in the config
     assert ckpt["hyper_parameters"]["num_classes"] == 11
@@ -142,6 +144,21 @@ def test_predict_writes_palette_masks(trained):
         assert im.mode == "P" and im.size == (32, 24)
         assert set(np.unique(np.array(im))) <= set(range(11))
         assert im.getpalette()[3 * 3 : 3 * 4] == [128, 64, 128]  # Road's colour
+
+
+def test_fit_without_a_logger(tmp_path):
+    """`--trainer.logger false` with the defaults file's callbacks (a learning-rate monitor
+    among them): the run trains and keeps its records (it stopped with a MisconfigurationException)."""
+    root = make_fake_camvid(tmp_path / "camvid")
+    run_dir = tmp_path / "run"
+    run_cli(
+        ["fit", *tiny(root, "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                      "--trainer.default_root_dir", str(run_dir))],
+        cwd=tmp_path,
+    )  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epoch"] == 0 and 0.0 <= metrics["val"]["mIoU"] <= 1.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_resume_without_a_previous_run_is_a_clear_error(tmp_path):

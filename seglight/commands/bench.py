@@ -916,7 +916,21 @@ def _random_batches(
 
 
 def run(argv: list[str]) -> dict:
-    """Run the bench for command-line arguments `argv`; prints the tables, returns the results."""
+    """Run the bench for command-line arguments `argv`; prints the tables, returns the results.
+    Lightning's info lines and warnings are quieted for the bench only: the process's logging
+    and warning filters are as before afterwards (a notebook or test that benches goes on)."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        lightning_log.setLevel(logging.WARNING)
+        try:
+            return _run(argv)
+        finally:
+            lightning_log.setLevel(level)
+
+
+def _run(argv: list[str]) -> dict:
     from seglight.data.base import DATASETS
     from seglight.models.base import MODELS
     from seglight.profile import count_flops
@@ -966,8 +980,6 @@ def run(argv: list[str]) -> dict:
     configure_threads(0, requested=args.threads)
     global _clock
     _clock = CLOCKS[args.clock]
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
 
     model, peers, notes = build_peers(
         runner, model_cls, model_kwargs, num_classes, in_channels, wanted, args.compile
