@@ -15,6 +15,7 @@ semantic mask, so boxes, masks and image stay aligned by construction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -44,58 +45,141 @@ def denormalize(
     return ((image.float() * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def rescale(
-    image: torch.Tensor, mask: torch.Tensor, scale: float
+def _resize(
+    image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], antialias: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize image [C,H,W] (float) and mask [..., H,W] by `scale`."""
+    """Image [C,H,W] (float) bilinearly and mask [..., H,W] by nearest-exact, to `size`."""
     h, w = mask.shape[-2:]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
     if size == (h, w):
         return image, mask
     image = F.interpolate(
-        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=antialias
     )[0]
-    # nearest-exact samples at pixel centres, like bilinear with align_corners=False; plain
-    # "nearest" is shifted by half a pixel and would misalign mask and image
-    lead = mask.shape[:-2]
-    mask = F.interpolate(mask.reshape(1, -1, h, w), size=size, mode="nearest-exact")
-    return image, mask.reshape(*lead, *size)
+    mask = mask.index_select(-2, _nearest_index(h, size[0], 0, size[0]))
+    return image, mask.index_select(-1, _nearest_index(w, size[1], 0, size[1]))
 
 
-def pad_to_at_least(
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """The size of an h x w image rescaled by `scale` (rounded, at least 1 x 1)."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def rescale(
+    image: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize image [C,H,W] (float) and mask [..., H,W] by `scale` (antialiased below 1)."""
+    return _resize(image, mask, scaled_size(*mask.shape[-2:], scale), antialias=scale < 1)
+
+
+def _linear_taps(
+    in_size: int, out_size: int, start: int, count: int, antialias: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Source pixels int64 [count, K] and weights float32 [count, K] of output pixels
+    start..start+count-1 when a line of `in_size` pixels is resized to `out_size` as
+    F.interpolate(mode="bilinear", align_corners=False, antialias=antialias) resizes each axis;
+    None when the line is copied (same size). Taps past the line's end carry weight 0.
+
+    The formulas are torch's (aten/src/ATen/native/UpSample.h, and the antialiased kernel's
+    triangle filter widened by the scale, normalised, as PIL does); tests check them against
+    F.interpolate. They differ from it only in float32 rounding: torch computes the source
+    coordinate scale * (i + 0.5) - 0.5 in float32 (precision ~3e-5 pixel at coordinate 500).
+    """
+    if in_size == out_size:  # both modes copy (the antialiased filter at scale 1 is a unit tap)
+        return None
+    i = torch.arange(start, start + count, dtype=torch.float64)
+    if antialias:
+        scale = in_size / out_size
+        support = max(scale, 1.0)  # the triangle's half-width: widened by the scale when shrinking
+        centre = scale * (i + 0.5)
+        first = torch.floor(centre - support + 0.5).clamp(min=0)
+        end = torch.floor(centre + support + 0.5).clamp(max=in_size)
+        index = first[:, None] + torch.arange(2 * math.ceil(support) + 1, dtype=torch.float64)
+        weight = (1 - ((index - centre[:, None] + 0.5) / support).abs()).clamp(min=0)
+        weight = torch.where(index < end[:, None], weight, 0)
+        weight = weight / weight.sum(1, keepdim=True)
+        return index.clamp(max=in_size - 1).long(), weight.float()
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    real = (scale * (i.float() + 0.5) - 0.5).clamp(min=0)  # the source coordinate
+    i0 = real.floor().clamp(max=in_size - 1)
+    frac = (real - i0).clamp(0, 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    return torch.stack([i0, i1], 1).long(), torch.stack([1 - frac, frac], 1)
+
+
+def _resample(x: torch.Tensor, dim: int, taps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x resampled along `dim` with taps (source index [n, K], weight [n, K]): [.., n, ..]."""
+    index, weight = taps
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    out = x.index_select(dim, index[:, 0]).mul_(weight[:, 0].view(shape))
+    for k in range(1, index.shape[1]):
+        out.addcmul_(x.index_select(dim, index[:, k]), weight[:, k].view(shape))
+    return out
+
+
+def _nearest_index(in_size: int, out_size: int, start: int, count: int) -> torch.Tensor:
+    """Source pixels int64 [count] of output pixels start..start+count-1 of a nearest-exact
+    resize from `in_size` to `out_size`: F.interpolate's own choice (it resizes a ramp of
+    source indices). Masks are resized by gathering these rows and columns: nearest-exact
+    samples at pixel centres, like bilinear with align_corners=False (plain "nearest" is shifted
+    by half a pixel and would misalign mask and image), and a gather takes any dtype (interpolate
+    has no int64 kernel for a one-channel mask)."""
+    ramp = torch.arange(in_size, dtype=torch.float32).view(1, 1, -1)
+    ramp = F.interpolate(ramp, size=out_size, mode="nearest-exact")[0, 0, start : start + count]
+    return ramp.long()
+
+
+def scaled_crop(
     image: torch.Tensor,
     mask: torch.Tensor,
     size: tuple[int, int],
+    offset: tuple[int, int],
+    crop: tuple[int, int],
     fill: tuple[float, ...],
     ignore_index: int,
+    antialias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (bottom/right) to at least `size`: image with `fill` per channel, mask [..., H, W]
-    with ignore_index."""
+    """The `crop` window at `offset` (top, left) of image [C,H,W] and mask [..., H,W] resized to
+    `size` and padded bottom/right to at least `crop` (image with `fill` per channel, mask with
+    `ignore_index`), made from the source pixels under the window only.
+
+    Equal to resizing the whole image with F.interpolate (bilinear, align_corners=False,
+    `antialias`; masks nearest-exact), padding and slicing, up to float32 rounding of the image
+    (masks exactly), at a cost that follows the crop instead of the scaled image (a random
+    scale of 2 made the whole-image resize 4 times the crop). F.interpolate cannot resample a
+    window itself: a window's first source pixel generally falls between scaled pixels (at
+    offset * H / size), and interpolate has no sub-pixel origin, so each axis is resampled with
+    the weights interpolate uses for those output pixels (`_linear_taps`). When the window holds
+    the whole scaled image (nothing is thrown away), interpolate resizes it all, as before.
+
+    Returns image float32 [C, crop_h, crop_w] and mask [..., crop_h, crop_w] (the mask's dtype).
+    """
     h, w = mask.shape[-2:]
-    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
-    if ph == 0 and pw == 0:
-        return image, mask
-    out = torch.empty((image.shape[0], h + ph, w + pw), dtype=image.dtype, device=image.device)
-    out[:] = torch.tensor(fill, dtype=image.dtype, device=image.device).view(-1, 1, 1)
-    out[:, :h, :w] = image
-    padded = torch.full(
-        (*mask.shape[:-2], h + ph, w + pw), ignore_index, dtype=mask.dtype, device=mask.device
-    )
-    padded[..., :h, :w] = mask
+    top, left = offset
+    # rows and columns of the window inside the scaled image (the rest is padding)
+    nh, nw = min(size[0] - top, crop[0]), min(size[1] - left, crop[1])
+    if (nh, nw) == size:
+        image, mask = _resize(image.float(), mask, size, antialias)
+    else:
+        rows = _linear_taps(h, size[0], top, nh, antialias)
+        cols = _linear_taps(w, size[1], left, nw, antialias)
+        y0, y1 = (int(rows[0].min()), int(rows[0].max()) + 1) if rows else (top, top + nh)
+        x0, x1 = (int(cols[0].min()), int(cols[0].max()) + 1) if cols else (left, left + nw)
+        image = image[:, y0:y1, x0:x1].float()
+        if rows:
+            image = _resample(image, 1, (rows[0] - y0, rows[1]))
+        if cols:  # along the rows of the transposed view: a gather of whole rows, fast
+            image = _resample(image.transpose(1, 2), 1, (cols[0] - x0, cols[1])).transpose(1, 2)
+        mask = mask.index_select(-2, _nearest_index(h, size[0], top, nh))
+        mask = mask.index_select(-1, _nearest_index(w, size[1], left, nw))
+    if (nh, nw) == tuple(crop):
+        return image.contiguous(), mask.contiguous()
+    out = torch.empty((image.shape[0], *crop), dtype=torch.float32)
+    out[:] = torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1)
+    out[:, :nh, :nw] = image
+    padded = torch.full((*mask.shape[:-2], *crop), ignore_index, dtype=mask.dtype)
+    padded[..., :nh, :nw] = mask
     return out, padded
-
-
-def random_crop(
-    image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random `size` window of image [C,H,W] and mask [..., H,W] (both at least that large)."""
-    h, w = mask.shape[-2:]
-    top = int(torch.randint(0, h - size[0] + 1, ()).item())
-    left = int(torch.randint(0, w - size[1] + 1, ()).item())
-    return (
-        image[:, top : top + size[0], left : left + size[1]],
-        mask[..., top : top + size[0], left : left + size[1]],
-    )
 
 
 def adjust_colour(
@@ -146,6 +230,13 @@ def as_labels(mask: torch.Tensor) -> torch.Tensor:
 class TrainTransform:
     """Random scale, pad-and-crop to `crop_size`, horizontal flip, colour jitter, normalisation.
 
+    The scale s is uniform in `scale_range`; the crop's position is uniform over the image
+    scaled by s and padded (bottom/right) to at least `crop_size`. Only the source pixels under
+    the crop are resized (`scaled_crop`): the same pixels as resizing the whole image, then
+    padding and cropping, at the cost of the crop. The draws (s, top, left, flip, jitter) come
+    from torch's global generator in that order, so a sample's augmentation is a function of
+    the seed its loader gives it (exact resume).
+
     Args:
         crop_size: (H, W) of the training crop; None keeps the full image (and skips scaling).
         scale_range: the random scale factor's range, applied before cropping.
@@ -175,13 +266,20 @@ class TrainTransform:
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        image = image.float()
-        if self.crop_size is not None:
-            if self.scale_range != (1.0, 1.0):
-                image, mask = rescale(image, mask, _uniform(*self.scale_range))
+        if self.crop_size is None:
+            image = image.float()
+        else:
+            scale = _uniform(*self.scale_range) if self.scale_range != (1.0, 1.0) else 1.0
+            size = scaled_size(*mask.shape[-2:], scale)
+            # a uniform crop position over the scaled image padded (bottom/right) to at least
+            # crop_size; then only the source pixels under that window are resized
+            ch, cw = self.crop_size
+            top = int(torch.randint(0, max(size[0], ch) - ch + 1, ()).item())
+            left = int(torch.randint(0, max(size[1], cw) - cw + 1, ()).item())
             fill = tuple(255 * m for m in self.mean[: image.shape[0]])
-            image, mask = pad_to_at_least(image, mask, self.crop_size, fill, self.ignore_index)
-            image, mask = random_crop(image, mask, self.crop_size)
+            image, mask = scaled_crop(
+                image, mask, size, (top, left), self.crop_size, fill, self.ignore_index, scale < 1
+            )
         if self.hflip and torch.rand(()).item() < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         if image.shape[0] == 3:
