@@ -17,6 +17,7 @@ from seglight.commands.bench import (
     MemoryMeter,
     Runner,
     bench_data,
+    bench_loader,
     build_peers,
     parse_args,
     run,
@@ -270,3 +271,44 @@ def test_model_and_data_options_from_a_config_and_the_command_line(tmp_path):
     )
     assert args.config == str(config)
     assert overrides == {"model": {"base_channels": 8}, "data": {"crop_size": [64, 64]}}
+
+
+def test_loader_bench_pairs_transforms_sample_by_sample(fake_camvid, capsys):
+    dm = CamVid(root=str(fake_camvid), batch_size=2, num_workers=0, crop_size=(16, 16))
+    dm.setup("fit")
+    calls = []
+
+    def traced(name):
+        def transform(image, mask):
+            calls.append((name, torch.rand(()).item()))  # the draw each transform gets
+            return dm.train_transform()(image, mask)
+
+        return transform
+
+    results = bench_loader(dm, [0], {"a": traced("a"), "b": traced("b")}, samples=4, batches=3)
+    # the same seed per sample: both transforms see the same draws, in turn
+    # then 3 rounds of each transform's loader (3 batches of 2)
+    assert [c[0] for c in calls] == ["a", "b"] * 4 + (["a"] * 6 + ["b"] * 6) * 3
+    assert all(calls[i][1] == calls[i + 1][1] for i in range(0, 8, 2))
+    assert len({c[1] for c in calls[:8]}) == 4
+    steps = [(r["step"], r["subset"], r["n"]) for r in results["costs"]]
+    assert steps == [("load: decode image + mask, check", "all", 4),
+                     ("  of which image decode", "all", 4), ("a", "all", 4), ("b", "all", 4)]  # fmt: skip
+    assert all(r["ms"] > 0 for r in results["costs"])
+    assert [(r["transform"], r["workers"], r["rounds"]) for r in results["rates"]] == [
+        ("a", 0, 3), ("b", 0, 3)]  # fmt: skip
+    assert all(r["images_per_s"] > 0 for r in results["rates"])
+
+
+def test_loader_bench_is_a_bench_mode(fake_camvid, capsys):
+    results = run(["--loader", "0", "--data", "CamVid", "--data.root", str(fake_camvid),
+                   "--data.crop_size", "[16, 16]", "--data.batch_size", "2", "--loader-samples",
+                   "6", "--data-rounds", "1", "--data-batches", "3", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "per sample: CamVid train, crop 16x16" in out and "images/s" in out
+    subsets = {r["subset"] for r in results["costs"] if r["step"] == "TrainTransform"}
+    assert subsets <= {"all", "s < 1", "s >= 1"} and len(subsets) >= 2  # split by the scale
+    with pytest.raises(ConfigError, match="--loader: expected worker counts"):
+        run(["--loader", "two", "--data", "CamVid"])
+    with pytest.raises(ConfigError, match="give --data NAME"):
+        run(["--loader", "0"])

@@ -684,6 +684,122 @@ def bench_data(
     return rows
 
 
+def bench_loader(
+    datamodule: Any,
+    workers: list[int],
+    transforms: dict[str, Callable] | None = None,
+    samples: int = 200,
+    rounds: int = 3,
+    batches: int | None = 20,
+) -> dict[str, list[dict]]:
+    """The training split's per-sample costs and DataLoader images/s (one torch thread per
+    worker, as PyTorch sets it), interleaved, for each of `transforms` (default: the
+    datamodule's training transform; pass two to compare them).
+
+    Per sample (the first `samples` of the split, cycled), on `--clock`: the Dataset's `load`
+    (decode image and mask, check the values), the image decode alone (`read_image`), then each
+    transform on that pair with the same seed, so every transform draws the same random scale and
+    crop and their costs pair up sample by sample. Split by the drawn scale s (< 1, >= 1) when
+    the transform has a scale_range. Then `rounds` rounds of every (workers, transform) in turn:
+    images/s of `batches` batches through the training DataLoader (seglight.data.stats.
+    loader_throughput, wall clock, after the start-up and prefetched batches).
+
+    Returns {"costs": [{"step", "subset", "ms", "min", "max", "n"}],
+    "rates": [{"transform", "workers", "images_per_s", "min", "max", "rounds"}]}.
+    """
+    from seglight.data.base import read_image
+    from seglight.data.stats import loader_throughput
+
+    if "train" not in datamodule.datasets:
+        datamodule.datasets["train"] = datamodule.build_dataset("train", train=True)
+    dataset = datamodule.datasets["train"]
+    transforms = transforms or {type(dataset.transform).__name__: dataset.transform}
+    times: dict[tuple[str, str], list[float]] = {}
+
+    def timed(subsets: tuple[tuple[str, str], ...], work: Callable, *args: Any) -> Any:
+        t0 = _clock()
+        out = work(*args)
+        for key in subsets:
+            times.setdefault(key, []).append(1000 * (_clock() - t0))
+        return out
+
+    with torch.random.fork_rng(devices=[]):  # the seeds below leave the caller's generator be
+        for k in range(samples):
+            index = k % len(dataset)
+            load = ("load: decode image + mask, check", "all")
+            image, mask = timed((load,), dataset.load, index)
+            timed((("  of which image decode", "all"),), read_image, dataset.pairs[index][0])
+            for name, transform in transforms.items():
+                subsets = [(name, "all")]
+                if getattr(transform, "scale_range", None) and transform.crop_size:
+                    lo, hi = transform.scale_range  # TrainTransform's first draw: the scale
+                    torch.manual_seed(k)
+                    scale = lo + (hi - lo) * torch.rand(()).item()
+                    subsets.append((name, "s < 1" if scale < 1 else "s >= 1"))
+                torch.manual_seed(k)
+                timed(tuple(subsets), transform, image, mask)
+    costs = []
+    for (step, subset), values in times.items():
+        costs.append(
+            {"step": step, "subset": subset, "ms": statistics.median(values), "min": min(values),
+             "max": max(values), "n": len(values)}
+        )  # fmt: skip
+    order = ["all", "s < 1", "s >= 1"]  # each transform's rows under one another, per subset
+    costs.sort(key=lambda row: (row["step"] in transforms, order.index(row["subset"])))
+
+    original = dataset.transform
+    rates: dict[tuple[str, int], list[float]] = {}
+    try:
+        for _ in range(rounds):
+            for n in workers:
+                for name, transform in transforms.items():
+                    dataset.transform = transform
+                    result = loader_throughput(datamodule, n, batches)
+                    rates.setdefault((name, n), []).append(result["images_per_s"])
+    finally:
+        dataset.transform = original
+    return {
+        "costs": costs,
+        "rates": [
+            {
+                "transform": name,
+                "workers": n,
+                "images_per_s": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "rounds": len(values),
+            }
+            for (name, n), values in rates.items()
+        ],  # fmt: skip
+    }
+
+
+def print_loader_report(results: dict, title: str, console: Any = None) -> None:
+    """The tables of bench_loader's results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=140)
+    table = Table(title=f"per sample: {title}")
+    for col in ("step", "samples", "ms (median)", "min-max", "n"):
+        table.add_column(col, justify="left" if col in ("step", "samples") else "right")
+    for row in results["costs"]:
+        table.add_row(
+            row["step"], row["subset"], f"{row['ms']:.2f}", f"{row['min']:.2f}-{row['max']:.2f}",
+            str(row["n"]),
+        )  # fmt: skip
+    console.print(table)
+    table = Table(title="training DataLoader, images/s (wall clock; median of rounds)")
+    for col in ("transform", "workers", "images/s", "min-max", "rounds"):
+        table.add_column(col, justify="left" if col == "transform" else "right")
+    for row in results["rates"]:
+        table.add_row(
+            row["transform"], str(row["workers"]), f"{row['images_per_s']:.1f}",
+            f"{row['min']:.1f}-{row['max']:.1f}", str(row["rounds"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 # ------------------------------------------------------------------------------- report
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """A distribution-free confidence interval of the median of `values`: the order statistics
@@ -860,7 +976,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
         "(auto: raw, smp, and torchvision for the DeepLab and FCN families)")  # fmt: skip
     add("--skip", default="", help="comma-separated parts to skip: train, infer, data")
     add("--data-rounds", type=int, default=3, help="epochs timed per data path")
-    add("--data-batches", type=int, help="batches per data round (default: the whole epoch)")
+    add("--data-batches", type=int, help="batches per data round (default: the whole epoch; "
+        "with --loader: 20)")  # fmt: skip
+    add("--loader", metavar="WORKERS", help="without a model: the training loader's per-sample "
+        "costs (decode, transform) and its images/s with these worker counts, e.g. 0,1,2")  # fmt: skip
+    add("--loader-samples", type=int, default=200, help="samples timed one by one for --loader")
     add("--compile", action="store_true", help="torch.compile every network")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="channels_last memory format for every network (on CUDA)")  # fmt: skip
@@ -943,6 +1063,8 @@ def _run(argv: list[str]) -> dict:
         config = yaml.safe_load(Path(args.config).read_text()) or {}
     if args.losses and not (args.model or config.get("model")):
         return run_losses(args, argv)
+    if args.loader:
+        return run_loader(args, argv, config, overrides["data"])
     if not (args.model or config.get("model")):
         raise ConfigError(
             "bench: give --model NAME (or a --config file with a model: section) or --losses"
@@ -1080,6 +1202,41 @@ def run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
         )  # fmt: skip
     Console(width=140).print(table)
     results = {"losses": rows, "command": "python -m seglight bench " + " ".join(argv)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def run_loader(args: argparse.Namespace, argv: list[str], config: dict, overrides: dict) -> dict:
+    """`bench --loader 0,1,2 --data NAME ...` (or a --config's data: section): the loader only."""
+    from seglight.data.base import DATASETS
+
+    if not (args.data or config.get("data")):
+        raise ConfigError(
+            "bench --loader: give --data NAME (or a --config file with a data: section)"
+        )
+    try:
+        workers = [int(w) for w in args.loader.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--loader: expected worker counts like 0,1,2, got {args.loader!r}"
+        ) from None
+    data_cls, data_kwargs = _resolve(args.data or config["data"], DATASETS, "data")
+    datamodule = data_cls(**{**data_kwargs, **overrides})
+    threads = configure_threads(0, requested=args.threads)
+    global _clock
+    _clock = CLOCKS[args.clock]
+    results = bench_loader(
+        datamodule, workers, None, args.loader_samples, args.data_rounds, args.data_batches or 20
+    )
+    crop = "x".join(map(str, datamodule.crop_size)) if datamodule.crop_size else "full images"
+    scale = getattr(datamodule, "scale_range", None)
+    title = (
+        f"{data_cls.__name__} train, crop {crop}, scale {scale}, batch {datamodule.batch_size}; "
+        f"{args.clock} clock, {threads} torch thread(s)"
+    )
+    print_loader_report(results, title)
+    results["setup"] = {"title": title, "command": "python -m seglight bench " + " ".join(argv)}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
