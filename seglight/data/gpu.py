@@ -215,9 +215,9 @@ class ResidentLoader:
             crop = t.crop_size
             lo, hi = t.scale_range
             scale = lo + (hi - lo) * u[:, :1]
-            scaled = (size * scale).round().clamp(min=1)  # as transforms.rescale sizes it
+            scaled = (size * scale).round().clamp(min=1)  # as transforms.scaled_size sizes it
             room = torch.maximum(scaled, self._crop) - self._crop
-            offset = (u[:, 1:3] * (room + 1)).floor()  # a random_crop window, padding included
+            offset = (u[:, 1:3] * (room + 1)).floor()  # TrainTransform's crop, padding included
         # centres of the output pixels, in the coordinates of the scaled (and padded) image
         ys = torch.arange(crop[0], device=self.device) + 0.5
         xs = torch.arange(crop[1], device=self.device) + 0.5

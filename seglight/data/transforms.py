@@ -6,7 +6,8 @@ random draws: images bilinearly, masks by nearest neighbour so no new label valu
 Photometric jitter touches the image only. Padding fills the image with the mean colour (0 after
 normalisation) and the mask with the ignore label, so padded pixels never count.
 
-Randomness comes from torch's global generator, which the DataLoader seeds per worker.
+Randomness comes from torch's global generator, which the training loader seeds per sample
+(SeededSamples: a function of the run's seed, the epoch and the position, for exact resume).
 
 Masks may carry leading dimensions ([..., H, W]): every channel gets the same geometry. Instance
 data uses this (`WithInstances`): its binary instance masks [N, H, W] travel stacked under the
@@ -108,7 +109,7 @@ def _linear_taps(
 
 def _resample(x: torch.Tensor, dim: int, taps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x resampled along `dim` with taps (source index [n, K], weight [n, K]): [.., n, ..]."""
-    index, weight = taps
+    index, weight = taps[0].to(x.device), taps[1].to(x.device)  # (no-ops on the CPU)
     shape = [1] * x.ndim
     shape[dim] = -1
     out = x.index_select(dim, index[:, 0]).mul_(weight[:, 0].view(shape))
@@ -131,7 +132,7 @@ def _nearest_index(in_size: int, out_size: int, start: int, count: int) -> torch
 
 def _gather(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """mask [..., H, W] at rows [h] x cols [w]: [..., h, w] (one gather of h * w pixels)."""
-    flat = (rows[:, None] * mask.shape[-1] + cols).flatten()
+    flat = (rows[:, None] * mask.shape[-1] + cols).flatten().to(mask.device)
     return mask.flatten(-2).index_select(-1, flat).view(*mask.shape[:-2], len(rows), len(cols))
 
 
@@ -185,10 +186,12 @@ def scaled_crop(
         )
     if (nh, nw) == tuple(crop):
         return image.contiguous(), mask.contiguous()
-    out = torch.empty((image.shape[0], *crop), dtype=torch.float32)
-    out[:] = torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1)
+    out = torch.empty((image.shape[0], *crop), dtype=torch.float32, device=image.device)
+    out[:] = torch.tensor(fill, dtype=torch.float32, device=image.device).view(-1, 1, 1)
     out[:, :nh, :nw] = image
-    padded = torch.full((*mask.shape[:-2], *crop), ignore_index, dtype=mask.dtype)
+    padded = torch.full(
+        (*mask.shape[:-2], *crop), ignore_index, dtype=mask.dtype, device=mask.device
+    )
     padded[..., :nh, :nw] = mask
     return out, padded
 
