@@ -295,9 +295,13 @@ def test_loader_bench_pairs_transforms_sample_by_sample(fake_camvid, capsys):
     assert steps == [("load: decode image + mask, check", "all", 4),
                      ("  of which image decode", "all", 4), ("a", "all", 4), ("b", "all", 4)]  # fmt: skip
     assert all(r["ms"] > 0 for r in results["costs"])
+    # b's time over a's, sample by sample (the same work: near 1), only on b's row
+    assert [r["ratio"] is None for r in results["costs"]] == [True, True, True, False]
+    assert 0.2 < results["costs"][3]["ratio"] < 5
     assert [(r["transform"], r["workers"], r["rounds"]) for r in results["rates"]] == [
         ("a", 0, 3), ("b", 0, 3)]  # fmt: skip
     assert all(r["images_per_s"] > 0 for r in results["rates"])
+    assert results["rates"][0]["ratio"] is None and results["rates"][1]["ratio"] > 0
 
 
 def test_loader_bench_is_a_bench_mode(fake_camvid, capsys):

@@ -704,8 +704,13 @@ def bench_loader(
     images/s of `batches` batches through the training DataLoader (seglight.data.stats.
     loader_throughput, wall clock, after the start-up and prefetched batches).
 
-    Returns {"costs": [{"step", "subset", "ms", "min", "max", "n"}],
-    "rates": [{"transform", "workers", "images_per_s", "min", "max", "rounds"}]}.
+    With several transforms, each one's row also gives the median of its per-sample time ratios
+    to the first transform's, with a 95% confidence interval (`median_ci`); and each one's images/s, the median of
+    its per-round ratios (the rounds ran back to back).
+
+    Returns {"costs": [{"step", "subset", "ms", "min", "max", "n", "ratio", "ratio_ci"}],
+    "rates": [{"transform", "workers", "images_per_s", "min", "max", "rounds", "ratio",
+    "ratio_ci"}]}.
     """
     from seglight.data.base import read_image
     from seglight.data.stats import loader_throughput
@@ -739,11 +744,14 @@ def bench_loader(
                 torch.manual_seed(k)
                 timed(tuple(subsets), transform, image, mask)
     costs = []
+    first = next(iter(transforms))
     for (step, subset), values in times.items():
-        costs.append(
-            {"step": step, "subset": subset, "ms": statistics.median(values), "min": min(values),
-             "max": max(values), "n": len(values)}
-        )  # fmt: skip
+        row = {"step": step, "subset": subset, "ms": statistics.median(values), "min": min(values),
+               "max": max(values), "n": len(values), "ratio": None, "ratio_ci": None}  # fmt: skip
+        if step in transforms and step != first:  # paired: the same samples and draws
+            ratios = [b / a for a, b in zip(times[(first, subset)], values, strict=True)]
+            row.update(ratio=statistics.median(ratios), ratio_ci=median_ci(ratios))
+        costs.append(row)
     order = ["all", "s < 1", "s >= 1"]  # each transform's rows under one another, per subset
     costs.sort(key=lambda row: (row["step"] in transforms, order.index(row["subset"])))
 
@@ -758,20 +766,16 @@ def bench_loader(
                     rates.setdefault((name, n), []).append(result["images_per_s"])
     finally:
         dataset.transform = original
-    return {
-        "costs": costs,
-        "rates": [
-            {
-                "transform": name,
-                "workers": n,
-                "images_per_s": statistics.median(values),
-                "min": min(values),
-                "max": max(values),
-                "rounds": len(values),
-            }
-            for (name, n), values in rates.items()
-        ],  # fmt: skip
-    }
+    rows = []
+    for (name, n), values in rates.items():
+        row = {"transform": name, "workers": n, "images_per_s": statistics.median(values),
+               "min": min(values), "max": max(values), "rounds": len(values), "ratio": None,
+               "ratio_ci": None}  # fmt: skip
+        if name != first:  # per round: the two ran back to back
+            ratios = [b / a for a, b in zip(rates[(first, n)], values, strict=True)]
+            row.update(ratio=statistics.median(ratios), ratio_ci=median_ci(ratios))
+        rows.append(row)
+    return {"costs": costs, "rates": rows}
 
 
 def print_loader_report(results: dict, title: str, console: Any = None) -> None:
@@ -781,21 +785,29 @@ def print_loader_report(results: dict, title: str, console: Any = None) -> None:
 
     console = console or Console(width=140)
     table = Table(title=f"per sample: {title}")
-    for col in ("step", "samples", "ms (median)", "min-max", "n"):
+    paired = any(row["ratio"] is not None for row in results["costs"])
+
+    def ratio(row: dict) -> list[str]:  # the paired-ratio columns, when there are two transforms
+        ci = row["ratio_ci"]
+        cells = [_fmt(row["ratio"], ".3f"), "-" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"]
+        return cells if paired else []
+
+    extra = ["ratio to the first", "95% CI"] if paired else []
+    for col in ("step", "samples", "ms (median)", "min-max", "n", *extra):
         table.add_column(col, justify="left" if col in ("step", "samples") else "right")
     for row in results["costs"]:
         table.add_row(
             row["step"], row["subset"], f"{row['ms']:.2f}", f"{row['min']:.2f}-{row['max']:.2f}",
-            str(row["n"]),
+            str(row["n"]), *ratio(row),
         )  # fmt: skip
     console.print(table)
     table = Table(title="training DataLoader, images/s (wall clock; median of rounds)")
-    for col in ("transform", "workers", "images/s", "min-max", "rounds"):
+    for col in ("transform", "workers", "images/s", "min-max", "rounds", *extra):
         table.add_column(col, justify="left" if col == "transform" else "right")
     for row in results["rates"]:
         table.add_row(
             row["transform"], str(row["workers"]), f"{row['images_per_s']:.1f}",
-            f"{row['min']:.1f}-{row['max']:.1f}", str(row["rounds"]),
+            f"{row['min']:.1f}-{row['max']:.1f}", str(row["rounds"]), *ratio(row),
         )  # fmt: skip
     console.print(table)
 
@@ -1164,6 +1176,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _ints(value: str, option: str, expected: str) -> list[int]:
+    """A comma-separated list of integers, or a ConfigError naming the option."""
+    try:
+        return [int(v) for v in value.split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{option}: expected {expected}, got {value!r}") from None
+
+
 def run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
     """`bench --losses ...` without a model: the loss table only."""
     from rich.console import Console
@@ -1175,12 +1195,7 @@ def run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
     unknown = [n for n in names if n not in LOSSES]
     if unknown:
         raise ConfigError(f"--losses: unknown {unknown} (known: {', '.join(LOSSES)})")
-    try:
-        sizes = [int(v) for v in args.loss_sizes.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--loss-sizes: expected sizes like 256,512, got {args.loss_sizes!r}"
-        ) from None
+    sizes = _ints(args.loss_sizes, "--loss-sizes", "sizes like 256,512")
     device = _device(args.device)
     threads = configure_threads(0, requested=args.threads)
     global _clock
@@ -1215,12 +1230,7 @@ def run_loader(args: argparse.Namespace, argv: list[str], config: dict, override
         raise ConfigError(
             "bench --loader: give --data NAME (or a --config file with a data: section)"
         )
-    try:
-        workers = [int(w) for w in args.loader.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"--loader: expected worker counts like 0,1,2, got {args.loader!r}"
-        ) from None
+    workers = _ints(args.loader, "--loader", "worker counts like 0,1,2")
     data_cls, data_kwargs = _resolve(args.data or config["data"], DATASETS, "data")
     datamodule = data_cls(**{**data_kwargs, **overrides})
     threads = configure_threads(0, requested=args.threads)
