@@ -5,6 +5,7 @@ throughput of a dataset's DataLoader next to its GPU-resident path.
 
     python -m seglight bench --model UNet --model.encoder resnet34 --size 256 256 --batch-size 2
     python -m seglight bench --config experiments/unet.yaml --data.root /data/camvid
+    python -m seglight bench --loader 0,1,2 --config experiments/unet.yaml --data.root /data/camvid
 
 What is compared, so that the comparison is fair:
 - every peer trains on the same batches, already on the device (no loader in the timing), with
@@ -46,6 +47,8 @@ What is compared, so that the comparison is fair:
   given on the CPU.
 - `--losses ce,dice,...`: forward + backward time of each loss on random logits at
   `--loss-sizes` (e.g. 256,512,1024), batch `--batch-size`, interleaved rounds.
+- `--loader 0,1,2` (a dataset, no model): the training loader's per-sample costs (decode,
+  transform; median and min-max) and its images/s with each worker count (bench_loader).
 
 Peers are optional: smp comes with `pip install segmentation-models-pytorch` (the `bench` extra);
 a missing one is reported and skipped.
