@@ -316,3 +316,12 @@ def test_loader_bench_is_a_bench_mode(fake_camvid, capsys):
         run(["--loader", "two", "--data", "CamVid"])
     with pytest.raises(ConfigError, match="give --data NAME"):
         run(["--loader", "0"])
+
+
+def test_bench_command_prints_no_known_noise(tmp_path):
+    """`python -m seglight bench` builds Trainers: Lightning's litlogger tip is silenced as in fit."""
+    from conftest import run_cli
+
+    proc = run_cli(["bench", *TINY, *FAST, "--peers", "raw", "--skip", "infer"], cwd=tmp_path)
+    shown = proc.stdout + proc.stderr
+    assert "raw loop (UNet)" in shown and "litlogger" not in shown

@@ -1054,9 +1054,12 @@ def run(argv: list[str]) -> dict:
     """Run the bench for command-line arguments `argv`; prints the tables, returns the results.
     Lightning's info lines and warnings are quieted for the bench only: the process's logging
     and warning filters are as before afterwards (a notebook or test that benches goes on)."""
+    from seglight.utils import silence_known_noise
+
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     with warnings.catch_warnings():
+        silence_known_noise()  # Lightning's litlogger tip on each Trainer, as in fit
         warnings.filterwarnings("ignore", module="lightning")
         lightning_log.setLevel(logging.WARNING)
         try:
