@@ -35,6 +35,12 @@ def test_logits_at_input_size_and_backward_reaches_every_parameter(name, batch, 
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    # likewise a zero-initialised weight matrix (Deformable DETR's sampling offsets and attention
+    # weights, from the query) passes no gradient to what feeds it at step 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                torch.nn.init.normal_(p, std=0.01)
     x = torch.randn(batch, 3, h, w)
     out = model.net(x)
     logits = out["out"] if isinstance(out, dict) else out

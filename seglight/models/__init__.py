@@ -16,6 +16,7 @@ from seglight.models.hrnet_ocr import HRNetOCR, HRNetOCRNetwork
 from seglight.models.ksac import KSAC
 from seglight.models.linear_probe import LinearProbe, LinearProbeNetwork
 from seglight.models.linknet import LinkNet, LinkNetNetwork
+from seglight.models.mask2former import Mask2Former, Mask2FormerNetwork
 from seglight.models.maskrcnn import MaskRCNN, MaskRCNNNetwork
 from seglight.models.pspnet import PSPNet, PSPNetNetwork
 from seglight.models.refinenet import RefineNet, RefineNetNetwork
@@ -58,6 +59,8 @@ __all__ = [
     "LinearProbeNetwork",
     "LinkNet",
     "LinkNetNetwork",
+    "Mask2Former",
+    "Mask2FormerNetwork",
     "MaskRCNN",
     "MaskRCNNNetwork",
     "MODELS",
