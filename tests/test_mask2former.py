@@ -5,11 +5,15 @@ The registry tests (tests/test_models.py, tests/test_experiments.py) cover the c
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO, make_fake_camvid
+
+from seglight.cli import run
 from seglight.errors import ConfigError
 from seglight.models import Mask2Former
 from seglight.models.mask2former import (
@@ -237,6 +241,10 @@ def test_loss_parts_add_up_and_odd_inputs_are_padded_with_the_ignore_label():
     loss, parts = model.set_criterion(out, torch.randint(0, 3, (1, 33, 47)))
     assert set(parts) == {"ce", "mask", "dice"}
     torch.testing.assert_close(loss, sum(parts.values()))
+    # an unlabelled image: every query is "no object"; no mask to match
+    loss, parts = model.set_criterion(out, torch.full((1, 33, 47), 255))
+    assert parts["mask"] == 0 and parts["dice"] == 0 and torch.isfinite(parts["ce"])
+    loss.backward()
 
 
 def test_default_r50_has_the_papers_size():
@@ -253,3 +261,21 @@ def test_bad_options_are_one_line_errors():
         ConfigError, match=r"Mask2Former: encoder 'resnet18' with encoder_indices \[3, 4\] gives 2"
     ):
         Mask2Former(num_classes=3, encoder="resnet18", encoder_indices=[3, 4])
+
+
+def test_cli_fit_logs_the_loss_parts_and_validates_on_the_semantic_scores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_fake_camvid(tmp_path / "camvid", {"train": 2, "val": 2, "test": 1}, size=(40, 56))
+    options = [f"--model.{k}={v}" for k, v in TINY.items()]
+    cli = run(
+        ["fit", "--config", str(REPO / "experiments" / "mask2former.yaml"), *options,
+         "--data.root", str(root), "--data.crop_size", "[32, 32]", "--data.batch_size", "2",
+         "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+         "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    logged = cli.trainer.callback_metrics
+    parts = [logged[f"train/loss_{k}"] for k in ("ce", "mask", "dice")]
+    assert all(torch.isfinite(p) and p >= 0 for p in parts)
+    torch.testing.assert_close(sum(parts), logged["train/loss_step"])
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= summary["val"]["mIoU"] <= 1 and summary["val"]["loss"] > 0

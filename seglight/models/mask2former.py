@@ -157,7 +157,8 @@ def ms_deform_attn(
     lq = locations.shape[1]
     grids = 2 * locations - 1
     out = value.new_zeros(n * m, d, lq)
-    for level, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], 1), shapes)):
+    per_level = value.split([h * w for h, w in shapes], 1)
+    for level, (v, (h, w)) in enumerate(zip(per_level, shapes, strict=True)):
         v = v.flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
         sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -382,14 +383,18 @@ class MaskedTransformerDecoder(nn.Module):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         sizes = [tuple(f.shape[-2:]) for f in features]
         srcs = [
-            f.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, f in enumerate(features)
+            f.flatten(2).transpose(1, 2) + self.level_embed.weight[i]
+            for i, f in enumerate(features)
         ]
-        pos = [sine_position_embedding(f, self.dim // 2).flatten(2).transpose(1, 2) for f in features]
+        pos = [
+            sine_position_embedding(f, self.dim // 2).flatten(2).transpose(1, 2) for f in features
+        ]
         b = mask_features.shape[0]
-        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
-        x = self.query_feat.weight[None].expand(b, -1, -1)
+        query_pos = self.query_embed.weight[None].repeat(b, 1, 1)
+        x = self.query_feat.weight[None].repeat(b, 1, 1)
         predictions = [self.predict(x, mask_features)]
-        for i, (cross, self_attn, ffn) in enumerate(zip(self.cross, self.self_attn, self.ffn)):
+        layers = zip(self.cross, self.self_attn, self.ffn, strict=True)
+        for i, (cross, self_attn, ffn) in enumerate(layers):
             level = i % self.levels
             mask = attention_mask(predictions[-1][1], sizes[level], self.heads)
             x = cross(x, srcs[level], query_pos, pos[level], mask)
@@ -455,7 +460,9 @@ class Mask2FormerNetwork(nn.Module):
             raise ConfigError(
                 f"Mask2Former: dec_layers and enc_layers must be >= 0, got {dec_layers}, {enc_layers}"
             )
-        self.encoder = TimmEncoder(encoder, encoder_weights, in_channels, out_indices=encoder_indices)
+        self.encoder = TimmEncoder(
+            encoder, encoder_weights, in_channels, out_indices=encoder_indices
+        )
         self.neck = FeaturePyramid(
             self.encoder.channels,
             self.encoder.reductions,
@@ -612,7 +619,9 @@ class SetCriterion(nn.Module):
             bce, dice = pairwise_mask_costs(out, tgt_points)
             cost_class = -logits.float().softmax(-1)[:, labels]
             w = self.weights
-            indices.append(hungarian_match(w["mask"] * bce + w["ce"] * cost_class + w["dice"] * dice))
+            indices.append(
+                hungarian_match(w["mask"] * bce + w["ce"] * cost_class + w["dice"] * dice)
+            )
         return indices
 
     def layer_losses(
@@ -620,19 +629,26 @@ class SetCriterion(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Unweighted CE, BCE and Dice of one prediction (class logits [B, Q, K+1], mask logits
         [B, Q, h, w]) against the targets (semantic_targets)."""
-        indices = self.match(class_logits, mask_logits, targets)
         device = class_logits.device
+        batch_idx, query_idx, labels, tgt = [], [], [], []
+        for b, ((q, t), (lab, masks)) in enumerate(
+            zip(self.match(class_logits, mask_logits, targets), targets, strict=True)
+        ):
+            t = t.to(device)
+            batch_idx.append(torch.full_like(q, b))
+            query_idx.append(q)
+            labels.append(lab[t])
+            tgt.append(masks[t])
+        batch_idx, query_idx = torch.cat(batch_idx).to(device), torch.cat(query_idx).to(device)
+        # unmatched queries are trained towards "no object" (the last class)
         classes = torch.full(class_logits.shape[:2], self.num_classes, device=device)
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(device)
-        query_idx = torch.cat([q for q, _ in indices]).to(device)
-        matched = [(labels[t.to(device)], tgt[t.to(device)]) for (_, t), (labels, tgt) in zip(indices, targets, strict=True)]
-        classes[batch_idx, query_idx] = torch.cat([labels for labels, _ in matched]).long()
+        classes[batch_idx, query_idx] = torch.cat(labels).long()
         ce = F.cross_entropy(class_logits.float().transpose(1, 2), classes, self.empty_weight)
         src = mask_logits[batch_idx, query_idx][:, None].float()  # [N, 1, h, w]
         if src.shape[0] == 0:  # no labelled pixel in the batch: nothing to match
             zero = mask_logits.sum() * 0.0
             return {"ce": ce, "mask": zero, "dice": zero}
-        tgt = torch.cat([t for _, t in matched])[:, None]  # [N, 1, H, W]
+        tgt = torch.cat(tgt)[:, None]  # [N, 1, H, W]
         with torch.no_grad():
             coords = importance_points(
                 src, self.num_points, self.oversample_ratio, self.importance_sample_ratio
@@ -644,14 +660,18 @@ class SetCriterion(nn.Module):
         dice = 1 - (2 * (probs * labels).sum(-1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
         return {"ce": ce, "mask": bce.sum() / num_masks, "dice": dice.sum() / num_masks}
 
-    def forward(self, output: dict, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, output: dict, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total loss and its weighted parts {"ce", "mask", "dice"} summed over predictions.
 
         output: the network's training dict; mask: int64 [B, H, W] at the input's size (padded
         here with ignore_index to the network's padded input, as the released code pads)."""
         ph, pw = output.get("padded_size", mask.shape[-2:])
         if (ph, pw) != tuple(mask.shape[-2:]):
-            mask = F.pad(mask, (0, pw - mask.shape[-1], 0, ph - mask.shape[-2]), value=self.ignore_index)
+            mask = F.pad(
+                mask, (0, pw - mask.shape[-1], 0, ph - mask.shape[-2]), value=self.ignore_index
+            )
         targets = semantic_targets(mask, self.ignore_index)
         num_masks = max(1.0, float(sum(len(labels) for labels, _ in targets)))
         parts = {k: mask.new_zeros((), dtype=torch.float32) for k in self.weights}
