@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, make_fake_camvid
 
 from seglight.cli import run
