@@ -260,6 +260,11 @@ def test_bad_options_are_one_line_errors():
         ConfigError, match=r"Mask2Former: encoder 'resnet18' with encoder_indices \[3, 4\] gives 2"
     ):
         Mask2Former(num_classes=3, encoder="resnet18", encoder_indices=[3, 4])
+    # a training method's per-pixel losses cannot train it: refused, not silently ineffective
+    from seglight.methods.base import build_network
+
+    with pytest.raises(ConfigError, match="network: Mask2Former trains with its own objective"):
+        build_network({"class_path": "Mask2Former", "init_args": TINY}, num_classes=3)
 
 
 def test_cli_fit_logs_the_loss_parts_and_validates_on_the_semantic_scores(tmp_path, monkeypatch):

@@ -57,6 +57,11 @@ def build_network(spec: NetworkSpec, num_classes: int, in_channels: int = 3) -> 
         )
     if issubclass(cls, SemiSupervisedModel):
         raise ConfigError(f"network: {short} is a training method, not an architecture")
+    if not cls.trains_on_logits:  # e.g. Mask2Former: its logits carry no gradient in training
+        raise ConfigError(
+            f"network: {short} trains with its own objective (trains_on_logits = False), not with "
+            "a method's per-pixel losses on its logits; choose another architecture"
+        )
     for key in ("num_classes", "in_channels"):
         if key in options:
             raise ConfigError(f"network: {short}'s {key} is taken from the data; remove it")
