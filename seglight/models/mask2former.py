@@ -531,7 +531,7 @@ def importance_points(
     candidates = torch.rand(n, int(num_points * oversample), 2, device=logits.device)
     uncertainty = -point_sample(logits, candidates).abs()[:, 0]  # [N, num_sampled]
     k = int(importance * num_points)
-    idx = uncertainty.topk(k, dim=1).indices
+    idx = uncertainty.topk(k, dim=1, sorted=False).indices  # a set: order is irrelevant
     chosen = torch.gather(candidates, 1, idx[..., None].expand(-1, -1, 2))
     rest = torch.rand(n, num_points - k, 2, device=logits.device)
     return torch.cat([chosen, rest], dim=1)
@@ -614,18 +614,25 @@ class SetCriterion(nn.Module):
         self, class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: list
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (query indices, target indices) of the least-cost assignment."""
-        indices = []
-        for logits, masks, (labels, tgt) in zip(class_logits, mask_logits, targets, strict=True):
-            coords = torch.rand(1, self.num_points, 2, device=masks.device)
-            out = point_sample(masks[None].float(), coords)[0]  # [Q, P]
-            tgt_points = point_sample(tgt[None], coords)[0]  # [T, P]
-            bce, dice = pairwise_mask_costs(out, tgt_points)
-            cost_class = -logits.float().softmax(-1)[:, labels]
-            w = self.weights
-            indices.append(
-                hungarian_match(w["mask"] * bce + w["ce"] * cost_class + w["dice"] * dice)
-            )
-        return indices
+        # in float32 whatever the autocast (the released matcher disables it too)
+        with torch.autocast(class_logits.device.type, enabled=False):
+            return [
+                self.match_image(c, m, t)
+                for c, m, t in zip(class_logits, mask_logits, targets, strict=True)
+            ]
+
+    def match_image(
+        self, logits: torch.Tensor, masks: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image: class logits [Q, K+1], mask logits [Q, h, w], target (labels [T], masks
+        [T, H, W]); the cost is computed on num_points uniform points shared by all masks."""
+        labels, tgt = target
+        coords = torch.rand(1, self.num_points, 2, device=masks.device)
+        out = point_sample(masks[None].float(), coords)[0]  # [Q, P]
+        bce, dice = pairwise_mask_costs(out, point_sample(tgt[None], coords)[0])
+        cost_class = -logits.float().softmax(-1)[:, labels]  # [Q, T]
+        w = self.weights
+        return hungarian_match(w["mask"] * bce + w["ce"] * cost_class + w["dice"] * dice)
 
     def layer_losses(
         self, class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: list, num_masks: float
