@@ -155,16 +155,109 @@ def _class_ok(name: str, registry: dict[str, type]) -> bool:
         return False
 
 
+def _architectures() -> dict[str, type]:
+    """The registered architectures (MODELS without the training methods), imported lazily."""
+    import seglight.methods  # noqa: F401  (the methods register in MODELS too)
+    from seglight.methods.base import SemiSupervisedModel
+    from seglight.models import MODELS
+
+    return {n: c for n, c in MODELS.items() if not issubclass(c, SemiSupervisedModel)}
+
+
+def unknown_architecture(name: str, where: str | None = None) -> ConfigError:
+    """The one-line error for an unknown `network:` architecture, with the close names."""
+    known = _architectures()
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(
+        f"network: unknown architecture {name!r}{f' (in {where})' if where else ''}.{hint} "
+        f"Known: {', '.join(sorted(known))}"
+    )
+
+
+def _network_name(network: Any) -> str | None:
+    """The architecture named by a `network:` value (a name or {class_path, init_args})."""
+    if isinstance(network, dict):
+        network = network.get("class_path")
+    return network if isinstance(network, str) else None
+
+
 def _check_network(init_args: Any, where: str) -> None:
-    """A method's `network: {class_path: X}` needs a dotted path (jsonargparse resolves nested
-    class paths by import); `network: X` takes the short name."""
+    """A method's `network:` must name a registered architecture (short name or dotted path)."""
     network = init_args.get("network") if isinstance(init_args, dict) else None
-    if isinstance(network, dict) and "." not in str(network.get("class_path", ".")):
-        name = network["class_path"]
-        raise ConfigError(
-            f"network: class_path {name!r} (in {where}): write the dotted path "
-            f"seglight.models.{name} inside `network:`, or `network: {name}` for its defaults"
-        )
+    name = _network_name(network)
+    if name is not None and not name.startswith("{"):
+        short = name.rsplit(".", 1)[-1]
+        if short not in _architectures() or ("." in name and not _class_ok(name, {})):
+            raise unknown_architecture(name, where)
+
+
+def resolve_network_names(data: Any) -> Any:
+    """`network: {class_path: LinkNet, ...}` -> the class's import path, in place, anywhere in
+    loaded config data. jsonargparse imports every nested `class_path` it merges (it cannot know
+    seglight's registry), so the short form a method's `network:` takes, like `model:`, would
+    fail there; unknown names are left for check_class_names and build_network to report."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = _network_name(value) if key == "network" else None
+            if isinstance(value, dict) and name is not None and "." not in name:
+                cls = _architectures().get(name)
+                if cls is not None:
+                    value["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
+            resolve_network_names(value)
+    elif isinstance(data, list):
+        for value in data:
+            resolve_network_names(value)
+    return data
+
+
+def network_options(argv: list[str]) -> list[str]:
+    """`--model.network NAME [--model.network.init_args.KEY VALUE ...]` (NAME short or dotted, or
+    a {class_path, init_args} mapping) -> one `--model.network {class_path, init_args}` option
+    with the class's import path (see resolve_network_names): jsonargparse treats a method's
+    `network` as a plain mapping, so it neither resolves short names nor takes nested options."""
+    out: list[str] = []
+    network: dict[str, Any] | None = None
+    at = -1
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--model.network", "--model.init_args.network") or key.startswith(
+            ("--model.network.init_args.", "--model.init_args.network.init_args.")
+        ):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            i += 1
+            if key.endswith(".network"):
+                loaded = yaml.safe_load(value) if value.strip().startswith("{") else value
+                network = loaded if isinstance(loaded, dict) else {"class_path": loaded}
+                network.setdefault("init_args", {})
+                at = len(out)
+                out.append("")  # the option goes here, written when complete
+            elif network is None:
+                raise ConfigError(
+                    f"{key}: give the architecture first, --model.network NAME {key} {value}, "
+                    f"or --model.network '{{class_path: NAME, init_args: {{...}}}}'"
+                )
+            else:
+                loaded = yaml.safe_load(value) if value else value
+                network["init_args"][key.rsplit(".", 1)[-1]] = loaded
+            continue
+        out.append(arg)
+        i += 1
+    if network is not None:
+        spec = resolve_network_names({"network": network})["network"]
+        if not spec["init_args"]:
+            spec = spec["class_path"]  # `network: NAME`, the string form
+        out[at : at + 1] = [
+            "--model.network",
+            yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip()
+            if isinstance(spec, dict)
+            else spec,
+        ]
+    return out
 
 
 def check_class_names(argv: list[str]) -> None:
@@ -185,6 +278,14 @@ def check_class_names(argv: list[str]) -> None:
             if isinstance(value, str):
                 values.append((group, value, path))
     for i, arg in enumerate(argv):
+        if arg.startswith("--model.network") and not arg.startswith("--model.network."):
+            value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1] if i + 1 < len(argv) else ""
+            if value.startswith("{"):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    value = None
+            _check_network({"network": value}, "the command line")
         for group in ("model", "data"):
             if arg == f"--{group}" and i + 1 < len(argv):
                 values.append((group, argv[i + 1], "the command line"))

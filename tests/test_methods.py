@@ -4,6 +4,7 @@ tiny data and resumes exactly; the views and schedules; the network option; DDP 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -169,10 +170,18 @@ def test_network_forms_and_errors():
         assert net(torch.randn(1, 1, 17, 23)).shape == (1, 5, 17, 23)
     with pytest.raises(ConfigError, match="unknown architecture 'NoNet'"):
         build_network("NoNet", 3)
+    with pytest.raises(
+        ConfigError, match=r"unknown architecture 'LinkNt'\. Did you mean LinkNet\b"
+    ):
+        build_network({"class_path": "LinkNt"}, 3)
     with pytest.raises(ConfigError, match="FixMatch is a training method, not an architecture"):
         build_network("FixMatch", 3)
     with pytest.raises(ConfigError, match="num_classes is taken from the data"):
         build_network({"class_path": "UNet", "init_args": {"num_classes": 3}}, 3)
+
+
+def size(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
 
 
 def test_cli_takes_a_method_by_short_name_and_a_short_dataset(camvid, tmp_path, monkeypatch):
@@ -180,19 +189,46 @@ def test_cli_takes_a_method_by_short_name_and_a_short_dataset(camvid, tmp_path, 
     config = tmp_path / "m.yaml"
     config.write_text(
         "model:\n  class_path: MeanTeacher\n  init_args:\n    network:\n"
-        "      class_path: seglight.models.UNet\n"
+        "      class_path: UNet\n"
         "      init_args: {encoder: original, base_channels: 4}\n"
         "data:\n  class_path: SemiSupervised\n  init_args:\n    dataset: CamVid\n    labeled: 2\n"
     )
     args = ["fit", "--config", str(config), "--data.root", str(camvid), "--data.num_workers", "0"]
     args += ["--data.crop_size", "[32, 32]", "--data.batch_size", "2"]
     args += ["--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu"]
-    cli = run(args)
-    assert isinstance(cli.model, MeanTeacher) and cli.model.num_classes == 11
-    assert cli.trainer.global_step == 1
-    config.write_text(config.read_text().replace("seglight.models.UNet", "UNet"))
-    with pytest.raises(ConfigError, match="write the dotted path seglight.models.UNet"):
+    # the short form of `network:` (as `model:` takes), the dotted path, and an import path
+    for name in ("UNet", "seglight.models.UNet", "seglight.models.unet.UNet"):
+        config.write_text(re.sub(r"class_path: \S*UNet", f"class_path: {name}", config.read_text()))
+        cli = run(args)
+        assert isinstance(cli.model, MeanTeacher) and cli.model.num_classes == 11
+        assert size(cli.model.net) == size(build_network(TINY, 11))  # its init_args were used
+        assert cli.trainer.global_step == 1
+    config.write_text(config.read_text().replace("seglight.models.unet.UNet", "UNett"))
+    with pytest.raises(
+        ConfigError, match=r"unknown architecture 'UNett' \(in .*m.yaml\)\. Did you mean UNet\b"
+    ):
         run(args)
+
+
+def test_cli_network_options_on_the_command_line(camvid, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--model", "CPS", "--data", "SemiSupervised", "--data.dataset", "CamVid"]
+    args += ["--data.labeled", "2", "--data.root", str(camvid), "--data.num_workers", "0"]
+    args += ["--data.crop_size", "[32, 32]", "--data.batch_size", "2"]
+    args += ["--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu"]
+    for network in (
+        ["--model.network", "UNet", "--model.network.init_args.encoder", "original",
+         "--model.network.init_args.base_channels=4"],
+        ["--model.network", "{class_path: UNet, init_args: {encoder: original, base_channels: 4}}"],
+    ):  # fmt: skip
+        cli = run(args + network)
+        assert isinstance(cli.model, CPS) and cli.trainer.global_step == 1
+        for net in cli.model.networks():
+            assert size(net) == size(build_network(TINY, 11))
+    with pytest.raises(ConfigError, match="unknown architecture 'Unet' .*Did you mean UNet"):
+        run(args + ["--model.network", "{class_path: Unet}"])
+    with pytest.raises(ConfigError, match="give the architecture first"):
+        run(args + ["--model.network.init_args.encoder", "original"])
 
 
 # ----------------------------------------------------------------------------- views

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, get_loader, set_loader
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 import seglight.data  # noqa: F401  (registers the datasets)
@@ -39,6 +39,8 @@ from seglight.config import (
     experiment_name,
     flatten_config,
     logged_config,
+    network_options,
+    resolve_network_names,
     with_defaults,
 )
 from seglight.data.base import DATASETS, SegmentationDataModule
@@ -237,6 +239,14 @@ class RunDirectorySync(L.Callback):
 
 
 # ------------------------------------------------------------------------------- the CLI
+#: the parser mode of seglight's CLI: jsonargparse's YAML loader (config files and option values)
+#: followed by resolve_network_names, so that a method's `network: {class_path: LinkNet}` takes
+#: the registry's short names as `model:` does
+PARSER_MODE = "seglight"
+_yaml_load = get_loader("yaml")
+set_loader(PARSER_MODE, lambda text: resolve_network_names(_yaml_load(text)), (yaml.YAMLError,))
+
+
 class SeglightCLI(LightningCLI):
     """LightningCLI for SegmentationModel x SegmentationDataModule (see the module docstring)."""
 
@@ -264,6 +274,7 @@ class SeglightCLI(LightningCLI):
     def init_parser(self, **kwargs: Any):
         kwargs.setdefault("formatter_class", _HelpFormatter)  # subcommands inherit the main one's
         kwargs.setdefault("prog", "seglight")  # not __main__.py; subcommands add their name
+        kwargs.setdefault("parser_mode", PARSER_MODE)
         if "description" in kwargs:  # a subcommand's parser: list every architecture's options
             kwargs.setdefault("epilog", _epilog())
         return super().init_parser(**kwargs)
@@ -565,7 +576,7 @@ def run(argv: list[str]) -> SeglightCLI:
 
     silence_known_noise()
     check_class_names(argv)
-    command, argv = argv, with_defaults(argv)
+    command, argv = argv, network_options(with_defaults(argv))
     _CREATED_RUN_DIRS.clear()
     try:
         with warnings.catch_warnings():

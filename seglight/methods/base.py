@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seglight.config import unknown_architecture
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_colour
 from seglight.errors import ConfigError
 from seglight.models.base import MODELS, PolyWithWarmup, SegmentationModel
@@ -51,10 +52,7 @@ def build_network(spec: NetworkSpec, num_classes: int, in_channels: int = 3) -> 
     short = name.rsplit(".", 1)[-1]
     cls = MODELS.get(short)
     if cls is None:
-        raise ConfigError(
-            f"network: unknown architecture {name!r}. Known: "
-            f"{', '.join(sorted(n for n, c in MODELS.items() if not issubclass(c, SemiSupervisedModel)))}"
-        )
+        raise unknown_architecture(name)
     if issubclass(cls, SemiSupervisedModel):
         raise ConfigError(f"network: {short} is a training method, not an architecture")
     if not cls.trains_on_logits:  # e.g. Mask2Former: its logits carry no gradient in training
