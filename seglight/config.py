@@ -248,9 +248,9 @@ def network_options(argv: list[str]) -> list[str]:
         out.append(arg)
         i += 1
     if network is not None:
-        spec = resolve_network_names({"network": network})["network"]
-        if not spec["init_args"]:
-            spec = spec["class_path"]  # `network: NAME`, the string form
+        spec = network["class_path"]  # `network: NAME`, the string form, as it was given
+        if network["init_args"]:
+            spec = resolve_network_names({"network": network})["network"]
         out[at : at + 1] = [
             "--model.network",
             yaml.safe_dump(spec, default_flow_style=True, width=10**6).strip()

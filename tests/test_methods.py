@@ -4,7 +4,10 @@ tiny data and resumes exactly; the views and schedules; the network option; DDP 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +15,7 @@ import pytest
 import torch
 from conftest import make_fake_camvid, run_cli
 
+import seglight
 from seglight.cli import run
 from seglight.data import CamVid, SemiSupervised
 from seglight.errors import ConfigError
@@ -147,6 +151,14 @@ def test_mean_teacher_evaluates_the_teacher(camvid, tmp_path):
         assert torch.equal(model(x), model.ema.module(x))
     with pytest.raises(ConfigError, match="ema_decay is the teacher's decay"):
         MeanTeacher(num_classes=3, network=TINY, ema_decay=None)
+
+
+def test_cps_ramps_its_weight_up_when_asked(camvid, tmp_path):
+    torch.manual_seed(0)
+    for rampup, expected in ((0, 1.5), (10, 1.5 * sigmoid_rampup(1, 10))):
+        model = CPS(num_classes=11, network=TINY, rampup_steps=rampup)
+        trainer(tmp_path / str(rampup), 2).fit(model, data(camvid))  # the weight of step 1
+        assert trainer_metric(model, "train/cps_weight") == pytest.approx(expected)
 
 
 def test_cps_networks_differ_and_both_encoders_take_the_lr_multiplier():
@@ -296,3 +308,72 @@ def test_ddp_on_two_processes(camvid, tmp_path):
     assert ckpt["global_step"] == 2
     assert len((run_dir / "labeled.txt").read_text().splitlines()) == 3
     assert json.loads((run_dir / "metrics.json").read_text())["val"]["mIoU"] is not None
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from seglight.data import CamVid, SemiSupervised
+import seglight.methods  # noqa: F401  (registers the methods)
+from seglight.models import MODELS
+
+name, root, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+net = {"class_path": "UNet", "init_args": {"encoder": "original", "base_channels": 4}}
+options = {
+    "AdvSemiSeg": {"d_channels": 8, "semi_start": 1, "semi_threshold": 0.0},
+    "GANSemiSeg": {"image_size": (32, 32), "g_channels": 8},
+    "MeanTeacher": {"ema_decay": 0.9, "rampup_steps": 0},
+}[name]
+L.seed_everything(0)
+model = MODELS[name](num_classes=11, network=net, **options)
+camvid = CamVid(root=root, crop_size=(32, 32), batch_size=1, num_workers=0)
+trainer = L.Trainer(
+    max_steps=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out),
+)
+start = {k: v.detach().clone() for k, v in model.named_parameters()}
+trainer.fit(model, SemiSupervised(camvid, labeled=2))
+params = {k: v.detach() for k, v in model.named_parameters()}  # the teacher's too (ema.)
+torch.save({"step": trainer.global_step, "params": params, "start": start},
+           out / f"rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow  # 30-70 s each (two processes) on a 2-core machine
+@pytest.mark.parametrize("name", ["AdvSemiSeg", "GANSemiSeg", "MeanTeacher"])
+def test_ddp_keeps_every_player_identical_across_ranks(name, camvid, tmp_path):
+    """Manual optimisation with two optimisers (AdvSemiSeg's discriminator, GANSemiSeg's
+    generator) and a teacher under DDP on 2 CPU processes: each rank trains on its own batches,
+    yet every parameter (network, second player, EMA teacher) ends identical on both ranks, and
+    every player moved."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(seglight.__file__).parents[1]), env.get("PYTHONPATH", "")]
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), name, str(camvid), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["step"] for r in ranks] == [2, 2]
+    first, second = (r["params"] for r in ranks)
+    assert first.keys() == second.keys()
+    differ = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not differ, f"{name}: parameters differ across ranks: {differ[:5]}"
+    players = {"AdvSemiSeg": "discriminator.", "GANSemiSeg": "generator.", "MeanTeacher": "ema."}
+    for prefix in ("net.", players[name]):
+        keys = [k for k in first if k.startswith(prefix)]
+        start = ranks[0]["start"]
+        # the teacher is made at fit start, a copy of the network's initial weights
+        initial = [start.get(k, start.get(k.replace("ema.module.", "net."))) for k in keys]
+        assert keys and any(
+            not torch.equal(first[k], v) for k, v in zip(keys, initial, strict=True)
+        ), f"{prefix} did not train"

@@ -292,12 +292,62 @@ class SemiSupervisedModel(SegmentationModel):
             {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}},
         ]
 
+    # ------------------------------------------------------------------ manual optimisation + DDP
+    def _ddp(self) -> nn.parallel.DistributedDataParallel | None:
+        """The DDP wrapper of this module in a distributed manual-optimisation run, else None."""
+        if self._trainer is None or self.automatic_optimization:
+            return None
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        return wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With manual optimisation under DDP, the gradients are averaged by `step_optimizer`,
+        per optimiser, not by DDP's reducer: a step here has several backward passes over
+        different players (the network, then the discriminator or generator), which the reducer
+        (one backward over every parameter per forward) rejects as unused parameters, and
+        find_unused_parameters would average every player's gradients at each backward. The
+        reducer is switched off as `no_sync` does; the buffers (BatchNorm statistics) are still
+        broadcast from rank 0 at the step's first forward, as DDP does."""
+        super().on_train_batch_start(batch, batch_idx)
+        ddp = self._ddp()
+        if ddp is not None:
+            ddp.require_backward_grad_sync = False
+            ddp.require_forward_param_sync = True
+
+    def sync_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average the gradients of `optimizer`'s parameters over the DDP ranks (manual
+        optimisation; see on_train_batch_start). A parameter without a gradient on every rank
+        keeps none (the optimiser skips it, as in one process); one with a gradient on some
+        ranks only counts zeros for the others. Two collectives per call, whatever the size."""
+        ddp = self._ddp()
+        if ddp is None or not torch.distributed.is_initialized():
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not params:
+            return
+        has_grad = torch.tensor(
+            [p.grad is not None for p in params], dtype=torch.float32, device=params[0].device
+        )
+        torch.distributed.all_reduce(has_grad)
+        used = [p for p, n in zip(params, has_grad.tolist(), strict=True) if n > 0]
+        if not used:
+            return
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in used]
+        )
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for p, grad in zip(used, flat.split([p.numel() for p in used]), strict=True):
+            p.grad = grad.view_as(p).clone()
+
     def step_optimizer(self, optimizer: Any, counted: bool = True) -> None:
         """Manual optimisation: step `optimizer` (one of self.optimizers()) and its schedule.
 
         Only the network's optimiser is `counted` in global_step, so that a step is a batch as
         for every other model (max_steps, schedules, `after(N)`); the second player's step goes
-        through the same strategy and precision plugin (gradient unscaling), uncounted."""
+        through the same strategy and precision plugin (gradient unscaling), uncounted. Under
+        DDP the gradients are averaged over the ranks first (sync_gradients)."""
+        self.sync_gradients(optimizer.optimizer)
         if counted:
             optimizer.step()
             if self.ema is not None:  # the base model updates it in optimizer_step (automatic only)
