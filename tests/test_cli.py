@@ -232,3 +232,7 @@ def test_models_and_datasets_commands():
     assert "31.04M" in run_cli(["models"], cwd=REPO).stdout
     out = run_cli(["datasets"], cwd=REPO).stdout
     assert "CamVid" in out and "Synthetic" in out
+    # a wrapper of any dataset says so, instead of a made-up default root of its own
+    semi = out[out.index("SemiSupervised  ") :].split("\n\n")[0]
+    assert "root     the wrapped dataset's" in semi and "data/semisupervised" not in semi
+    assert "classes  the wrapped dataset's" in semi

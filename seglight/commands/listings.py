@@ -108,9 +108,23 @@ def _layout(cls: type) -> list[str]:
     return block
 
 
+def _wrapped(cls: type) -> bool:
+    """Whether a DataModule wraps another one given as its `dataset` option (SemiSupervised):
+    its classes, files and root are the wrapped dataset's."""
+    from seglight.data.base import SegmentationDataModule
+
+    hints = inspect.signature(cls.__init__).parameters
+    hint = hints["dataset"].annotation if "dataset" in hints else None
+    if isinstance(hint, str):  # postponed annotations (`from __future__ import annotations`)
+        return hint.split("|")[0].strip() == SegmentationDataModule.__name__
+    return isinstance(hint, type) and issubclass(hint, SegmentationDataModule)
+
+
 def _default_root(name: str, cls: type) -> str:
     from seglight.data.base import dataset_root
 
+    if _wrapped(cls):
+        return "the wrapped dataset's (--data.dataset NAME; --data.root is passed on to it)"
     param = inspect.signature(cls.__init__).parameters.get("root")
     if param is None:
         return "(generated, no files)"
@@ -136,7 +150,9 @@ def cmd_datasets(argv: list[str]) -> None:
     for name, cls in sorted(DATASETS.items()):
         if argv and name not in argv:
             continue
-        if isinstance(cls.class_names, (list, tuple)) and cls.class_names:  # not a property
+        if _wrapped(cls):
+            classes = "the wrapped dataset's (wraps any dataset above: --data.dataset NAME)"
+        elif isinstance(cls.class_names, (list, tuple)) and cls.class_names:  # not a property
             classes = f"{len(cls.class_names)}: {', '.join(cls.class_names)}"
         else:
             classes = "set by the data (see its layout and options)"
