@@ -397,10 +397,17 @@ class SafeCheckpoints(L.Callback):
         from seglight.data.base import ResumableLoader
 
         states, self._loader_states = self._loader_states, None
-        loader = trainer.train_dataloader
-        if not states or not isinstance(loader, ResumableLoader):
+        # one loader, or several (SemiSupervised's labelled and unlabelled ones): the fit loop's
+        # CombinedLoader saved the state of each of its loaders that has one, in this order
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        loaders = combined.flattened if combined is not None else [trainer.train_dataloader]
+        loaders = [dl for dl in loaders if callable(getattr(dl, "state_dict", None))]
+        if not states or len(states) != len(loaders):
             return
-        loader.load_state_dict(states[0])
+        if not all(isinstance(dl, ResumableLoader) for dl in loaders):
+            return
+        for dl, state in zip(loaders, states, strict=True):
+            dl.load_state_dict(state)
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if fetcher is not None:
             iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)

@@ -719,17 +719,37 @@ class ResumableSampler(DistributedSampler):
         self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, epoch: int = 0
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.epoch = epoch
-        self.skip = 0  # samples of this epoch already consumed (set when resuming)
+        self.base_epoch = epoch  # the Trainer's epoch (set_epoch)
+        #: full passes made since set_epoch: a shorter loader cycled within one Trainer epoch
+        #: (CombinedLoader's max_size_cycle, SemiSupervised's labelled images) makes several;
+        #: pass p uses the order of epoch base_epoch + p
+        self.passes = 0
+        self.skip = 0  # samples of the current pass already consumed (set when resuming)
         self.pass_epoch = epoch  # the epoch of the latest pass
 
+    @property
+    def epoch(self) -> int:  # type: ignore[override]  (DistributedSampler's attribute)
+        """The epoch whose order the next pass uses."""
+        return self.base_epoch + self.passes
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.base_epoch, self.passes = epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning's call at each epoch's start; a no-op for the epoch already set (a resumed
+        cycled loader keeps its passes)."""
+        if epoch != self.base_epoch:
+            self.epoch = epoch
+
     def __iter__(self):
-        indices = list(super().__iter__())  # this rank's share: positions rank, rank + W, ...
         epoch, skip = self.epoch, self.skip
         self.pass_epoch, self.skip = epoch, 0
+        # DistributedSampler's permutation of `self.epoch` (read when the pass starts)
+        indices = list(super().__iter__())  # this rank's share: positions rank, rank + W, ...
         for k in range(skip, len(indices)):
             yield indices[k], sample_seed(self.seed, epoch, self.rank + k * self.num_replicas)
-        self.epoch = epoch + 1  # a full pass; Lightning's set_epoch sets it anyway
+        self.passes += 1  # a full pass: the next one takes the next epoch's order
 
 
 class SeededSamples(Dataset):
@@ -766,9 +786,12 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         sampler = self.sampler
         batches, done = self.progress() if self.progress is not None else (0, False)
+        # one batch of every loader per step: a loader shorter than the epoch (cycled by
+        # CombinedLoader) is in pass batches // len, at batch batches % len
+        passes, batches = divmod(int(batches), max(1, len(self)))
         return {
-            "seed": sampler.seed, "epoch": sampler.pass_epoch, "batches": int(batches),
-            "epoch_done": int(done),
+            "seed": sampler.seed, "epoch": sampler.base_epoch, "passes": passes,
+            "batches": batches, "epoch_done": int(done),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -778,6 +801,7 @@ class ResumableLoader(DataLoader):
             sampler.epoch, sampler.skip = int(state["epoch"]) + 1, 0
         else:
             sampler.epoch = int(state["epoch"])
+            sampler.passes = int(state.get("passes", 0))
             sampler.skip = int(state["batches"]) * (self.batch_size or 1)
 
 
