@@ -156,12 +156,17 @@ def _class_ok(name: str, registry: dict[str, type]) -> bool:
 
 
 def _architectures() -> dict[str, type]:
-    """The registered architectures (MODELS without the training methods), imported lazily."""
+    """The architectures a method's `network:` can name (MODELS without the training methods and
+    the models that do not train on their logits), imported lazily."""
     import seglight.methods  # noqa: F401  (the methods register in MODELS too)
     from seglight.methods.base import SemiSupervisedModel
     from seglight.models import MODELS
 
-    return {n: c for n, c in MODELS.items() if not issubclass(c, SemiSupervisedModel)}
+    return {
+        n: c
+        for n, c in MODELS.items()
+        if not issubclass(c, SemiSupervisedModel) and getattr(c, "trains_on_logits", True)
+    }
 
 
 def unknown_architecture(name: str, where: str | None = None) -> ConfigError:
@@ -187,8 +192,11 @@ def _check_network(init_args: Any, where: str) -> None:
     network = init_args.get("network") if isinstance(init_args, dict) else None
     name = _network_name(network)
     if name is not None and not name.startswith("{"):
+        import seglight.methods  # noqa: F401  (the methods register in MODELS too)
+        from seglight.models import MODELS  # a method or Mask2Former: build_network says why
+
         short = name.rsplit(".", 1)[-1]
-        if short not in _architectures() or ("." in name and not _class_ok(name, {})):
+        if short not in MODELS or ("." in name and not _class_ok(name, {})):
             raise unknown_architecture(name, where)
 
 
@@ -201,7 +209,9 @@ def resolve_network_names(data: Any) -> Any:
         for key, value in data.items():
             name = _network_name(value) if key == "network" else None
             if isinstance(value, dict) and name is not None and "." not in name:
-                cls = _architectures().get(name)
+                from seglight.models import MODELS
+
+                cls = MODELS.get(name)
                 if cls is not None:
                     value["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
             resolve_network_names(value)
