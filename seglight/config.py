@@ -155,31 +155,6 @@ def _class_ok(name: str, registry: dict[str, type]) -> bool:
         return False
 
 
-def _architectures() -> dict[str, type]:
-    """The architectures a method's `network:` can name (MODELS without the training methods and
-    the models that do not train on their logits), imported lazily."""
-    import seglight.methods  # noqa: F401  (the methods register in MODELS too)
-    from seglight.methods.base import SemiSupervisedModel
-    from seglight.models import MODELS
-
-    return {
-        n: c
-        for n, c in MODELS.items()
-        if not issubclass(c, SemiSupervisedModel) and getattr(c, "trains_on_logits", True)
-    }
-
-
-def unknown_architecture(name: str, where: str | None = None) -> ConfigError:
-    """The one-line error for an unknown `network:` architecture, with the close names."""
-    known = _architectures()
-    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(
-        f"network: unknown architecture {name!r}{f' (in {where})' if where else ''}.{hint} "
-        f"Known: {', '.join(sorted(known))}"
-    )
-
-
 def _network_name(network: Any) -> str | None:
     """The architecture named by a `network:` value (a name or {class_path, init_args})."""
     if isinstance(network, dict):
@@ -197,6 +172,8 @@ def _check_network(init_args: Any, where: str) -> None:
 
         short = name.rsplit(".", 1)[-1]
         if short not in MODELS or ("." in name and not _class_ok(name, {})):
+            from seglight.methods.base import unknown_architecture
+
             raise unknown_architecture(name, where)
 
 

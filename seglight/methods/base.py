@@ -20,6 +20,7 @@ segmentation) and ClassMix masks (Olsson et al. WACV 2021); and the schedules: a
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from typing import Any
 
@@ -27,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seglight.config import unknown_architecture
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_colour
 from seglight.errors import ConfigError
 from seglight.models.base import MODELS, PolyWithWarmup, SegmentationModel
@@ -36,6 +36,29 @@ NetworkSpec = str | dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- the network
+def _architectures() -> dict[str, type]:
+    """The architectures a method's `network:` can name (MODELS without the training methods and
+    the models that do not train on their logits), imported lazily."""
+    import seglight.methods  # noqa: F401  (the methods register in MODELS too)
+
+    return {
+        n: c
+        for n, c in MODELS.items()
+        if not issubclass(c, SemiSupervisedModel) and getattr(c, "trains_on_logits", True)
+    }
+
+
+def unknown_architecture(name: str, where: str | None = None) -> ConfigError:
+    """The one-line error for an unknown `network:` architecture, with the close names."""
+    known = _architectures()
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(known), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(
+        f"network: unknown architecture {name!r}{f' (in {where})' if where else ''}.{hint} "
+        f"Known: {', '.join(sorted(known))}"
+    )
+
+
 def build_network(spec: NetworkSpec, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A fresh segmentation network (the `.net` of a registered architecture).
 
