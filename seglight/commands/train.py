@@ -485,7 +485,7 @@ class SeglightCLI(LightningCLI):
     def _log_evaluation(self, stage: str, values: dict[str, Any] | None = None) -> None:
         """Put an evaluation's metrics into the W&B run's summary (the runs table's columns),
         beside the training's val/mIoU when the run was resumed."""
-        from seglight.callbacks import _wandb_active
+        from seglight.callbacks.wandb import _wandb_active
 
         values = dict(values or {})
         values.update(
@@ -523,7 +523,7 @@ def test_command(command: list[str], ckpt: str) -> str:
 
 def _wandb_line(logger: Any) -> str | None:
     """Where a W&B logger's run is: its page, or the command that uploads an offline run."""
-    from seglight.callbacks import _wandb_active
+    from seglight.callbacks.wandb import _wandb_active
 
     if not _wandb_active(logger):
         return None
@@ -536,7 +536,7 @@ def _wandb_line(logger: Any) -> str | None:
 def fit_summary(trainer, command: list[str]) -> str:
     """The lines printed at the end of `fit`: best val/mIoU and its epoch, the best checkpoint,
     the run directory, and the command that tests it (`command`: the fit's, as typed)."""
-    from seglight.callbacks import _read_summary
+    from seglight.callbacks.records import _read_summary
 
     run_dir = Path(trainer.default_root_dir)
     checkpoint = trainer.checkpoint_callback

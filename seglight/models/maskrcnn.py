@@ -548,7 +548,7 @@ class MaskRCNN(SegmentationModel):
 
     def _log_ap_table(self, stage: str, logs: dict[str, torch.Tensor]) -> None:
         """Per-class AP as a W&B table `<stage>/per_class_AP`, when a W&B logger is active."""
-        from seglight.callbacks import _wandb_active
+        from seglight.callbacks.wandb import _wandb_active
 
         rows = [
             [name, float(logs[f"{stage}/mask_AP/{name}"]), float(logs[f"{stage}/bbox_AP/{name}"])]

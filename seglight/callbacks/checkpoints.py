@@ -1,0 +1,200 @@
+"""Checkpoints: where they go (ModelCheckpoint: <run dir>/checkpoints, last.ckpt rewritten at
+every validation), how they are written (AtomicCheckpointIO: atomically) and what makes resuming
+from one exact (SafeCheckpoints: every rank's random states, saved and restored with rng_states and
+set_rng_states, and the training loader's position)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from seglight.utils import atomic_open, remove_stale_temporaries
+
+
+class ModelCheckpoint(_ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving to <run dir>/checkpoints by default (so that
+    `--ckpt_path last` finds the run's last.ckpt whatever logger is used), and with `save_last`
+    rewriting last.ckpt after every validation (or training epoch, when there is no validation),
+    whether the monitored metric improved or not: last.ckpt always holds the latest state, for
+    `--ckpt_path last`. (Lightning 2.6 rewrites it only when a top-k checkpoint was saved at the
+    same step, i.e. only on improvement; tests/test_resume.py pins the behaviour we rely on.)"""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_due(trainer, at_train_epoch_end=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_due(trainer, at_train_epoch_end=False)
+
+    def _save_last_if_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> None:
+        # `_should_skip_saving_checkpoint` is also true when Lightning saved at this step already
+        if (
+            self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save checkpoint IO, reading with weights_only=True only and writing local
+    files through
+    seglight.utils.atomic_open (a temporary file beside the checkpoint, fsync, rename): a kill at
+    any moment leaves the previous checkpoint or the new one, never a truncated file, and nothing
+    in $TMPDIR. Remote paths (s3://, ...) keep Lightning's own writer."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        remove_stale_temporaries(path)  # left by a killed writer (only rank zero writes)
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: Any = None
+    ) -> dict:
+        """Local files through seglight.checkpoints.load_checkpoint (weights_only=True, one-line
+        errors), whatever the caller asks: Trainer.fit(ckpt_path=...) outside the CLI too."""
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, weights_only=True)
+        from seglight.checkpoints import load_checkpoint
+
+        return load_checkpoint(path)
+
+
+class SafeCheckpoints(L.Callback):
+    """Makes every checkpoint of a run safe to resume from, exactly:
+
+    - checkpoints are written atomically (AtomicCheckpointIO replaces Lightning's default IO);
+    - the global random states (torch, CUDA, numpy, Python) of every rank are saved in the
+      checkpoint and restored when training resumes from it, so dropout and any other draw in
+      the training step continue the same streams (the data order and augmentation are a
+      function of the seed, epoch and position; seglight.data.base.ResumableSampler).
+
+    Added by SegmentationModel.configure_callbacks, so every run has it (CLI or Trainer).
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, int]] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        # only Lightning's default writer is replaced: a configured one (async, remote) is kept
+        if type(getattr(strategy, "_checkpoint_io", None) or TorchCheckpointIO()) is (
+            TorchCheckpointIO
+        ):
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def state_dict(self) -> dict[str, Any]:
+        states = [rng_states()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # rank zero writes the checkpoint: it keeps every rank's streams (a collective:
+            # Lightning builds the checkpoint on every rank)
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._loader_states = loop.get("combined_loader")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resume_loader(trainer)
+        # restored here, after the sanity check and the loaders' start, right before the first
+        # training step: what ran in between draws nothing from these generators
+        if self._loaded is None:
+            return
+        states = self._loaded.get("rng") or []
+        if len(states) == trainer.world_size:
+            set_rng_states(states[trainer.global_rank])
+        elif states:
+            rank_zero_warn(
+                f"the checkpoint holds the random states of {len(states)} processes, this run has "
+                f"{trainer.world_size}: they are not restored (the run continues, not bit-exactly)"
+            )
+        self._loaded = None
+
+    def _resume_loader(self, trainer: L.Trainer) -> None:
+        """Continue the training loader where the checkpoint left it (mid-epoch: at the next
+        batch; at an epoch's end: at the next epoch's start).
+
+        Lightning restores a loader's state only if the loader starts after the checkpoint is
+        loaded; SegmentationModel.configure_optimizers asks for `estimated_stepping_batches`,
+        which starts it before (at epoch 0's first batch, which Lightning would then use with
+        loader workers). So the state is applied here and the loader's iterator started again."""
+        from seglight.data.base import ResumableLoader
+
+        states, self._loader_states = self._loader_states, None
+        # one loader, or several (SemiSupervised's labelled and unlabelled ones): the fit loop's
+        # CombinedLoader saved the state of each of its loaders that has one, in this order
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        loaders = combined.flattened if combined is not None else [trainer.train_dataloader]
+        loaders = [dl for dl in loaders if callable(getattr(dl, "state_dict", None))]
+        if not states or len(states) != len(loaders):
+            return
+        if not all(isinstance(dl, ResumableLoader) for dl in loaders):
+            return
+        for dl, state in zip(loaders, states, strict=True):
+            dl.load_state_dict(state)
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global random states, as tensors and plain values (loadable with
+    torch.load(weights_only=True))."""
+    import random
+
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    import random
+
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
