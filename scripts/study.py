@@ -1,0 +1,354 @@
+"""Run a study (a grid of `seglight fit` + `seglight test` runs) resumably, recording each finished
+run as one row of results/<study>.csv and its validation history in results/<study>_curves.csv.
+
+    python scripts/study.py semi --data.root /path/to/camvid --seeds 0,1,2 --jobs 2
+    python scripts/study.py maskrcnn --seeds 0
+    python scripts/study.py mask2former --data.root /path/to/camvid --seeds 0,1,2
+    python scripts/study.py semi ... --dry-run        # print the commands, run nothing
+    nohup python scripts/study.py semi --data.root $CAMVID --jobs 2 > study.log 2>&1 &
+
+Each run trains in its own folder runs/study/<study>/<run name> with `--threads 1` (on 2 cores,
+`--jobs 2` runs two at a time). A run already in the CSV is skipped; a run whose folder holds a
+last.ckpt but no row yet (an interrupted one) is resumed with `--ckpt_path last` (resume is
+exact), so the study survives any interruption: start the same command again. After fit, the
+final weights (last.ckpt, the end of the poly schedule: no choice on val) are tested on the test
+split. The runner drives the CLI and reads each run's metrics.json: there is no second training
+path. scripts/render_results.py turns the CSVs into README's tables and plots.
+
+Seed s fixes the labelled subset (SemiSupervised's seed) and the initialisation and data order
+(seed_everything) alike for every method: the comparison is paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"
+COLUMNS = [
+    "study", "method", "network", "labeled", "seed", "steps", "val_mIoU", "val_mIoU_75",
+    "val_mIoU_best", "test_mIoU", "mask_mAP", "mask_mAP50", "converged", "wall_s", "commit",
+    "command",
+]  # fmt: skip
+CURVE_COLUMNS = ["study", "method", "labeled", "seed", "step", "metric", "value"]
+#: how many validations a run makes (one every steps / VALIDATIONS steps; 75% is the 15th)
+VALIDATIONS = 20
+
+
+@dataclass
+class Run:
+    """One fit (and test) of a study."""
+
+    study: str
+    method: str
+    network: str
+    labeled: float | None
+    seed: int
+    steps: int
+    args: list[str]  # fit's arguments after `fit` (configs and overrides), without run folder
+    monitor: str = "mIoU"  # the history key that val_mIoU columns read (mask_mAP50 for Mask R-CNN)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        frac = "" if self.labeled is None else f"-l{self.labeled:g}"
+        return f"{self.method}{frac}-s{self.seed}"
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.method, self.network, fmt(self.labeled), str(self.seed), str(self.steps))
+
+
+def fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+# ----------------------------------------------------------------------------- the studies
+#: the CPU-scale protocol's network (README "Results at CPU scale"): every row but DecoupledNet's
+PROTOCOL_NETWORK = "DDRNet"
+PROTOCOL = "experiments/cpu/camvid_quarter.yaml"
+#: semi-supervised methods: config file and the option that names their network
+SEMI_METHODS = {
+    "supervised": "experiments/semi/supervised.yaml",
+    "mean_teacher": "experiments/semi/mean_teacher.yaml",
+    "fixmatch": "experiments/semi/fixmatch.yaml",
+    "cps": "experiments/semi/cps.yaml",
+    "advsemiseg": "experiments/semi/advsemiseg.yaml",
+    "gansemiseg": "experiments/semi/gansemiseg.yaml",
+    "decoupled": "experiments/semi/decoupled.yaml",
+}
+#: steps per labelled fraction: long enough for the supervised reference at that fraction to
+#: reach its plateau (README); every method at a fraction gets the same budget
+SEMI_STEPS = {1.0: 6000, 0.25: 4000, 0.125: 4000}
+
+
+def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
+    methods = opts.methods.split(",") if opts.methods else list(SEMI_METHODS)
+    fractions = [float(f) for f in opts.labeled.split(",")]
+    runs = []
+    for frac in fractions:
+        for method in methods:
+            if method not in SEMI_METHODS:
+                raise SystemExit(
+                    f"study.py: unknown method {method!r}; known: {list(SEMI_METHODS)}"
+                )
+            if method != "supervised" and frac >= 1.0:
+                continue  # no unlabelled images at full labels
+            steps = opts.steps or SEMI_STEPS.get(frac, SEMI_STEPS[0.125])
+            args = ["--config", SEMI_METHODS[method], "--config", PROTOCOL]
+            network = PROTOCOL_NETWORK
+            if method == "supervised":
+                args += ["--model", PROTOCOL_NETWORK]
+            elif method == "decoupled":
+                network = "DecoupledNet"  # a network of its own (classification + decoder)
+            else:
+                args += ["--model.network", PROTOCOL_NETWORK]
+            if method == "gansemiseg":  # its generator draws images of the crop's size
+                args += ["--model.init_args.image_size", "[90, 120]"]
+            for seed in seeds:
+                run_args = [
+                    *args,
+                    "--data.init_args.labeled", f"{frac:g}",
+                    "--data.init_args.seed", str(seed),
+                    "--seed_everything", str(seed),
+                    "--trainer.max_steps", str(steps),
+                    "--trainer.val_check_interval", str(steps // VALIDATIONS),
+                    *passthrough,
+                ]  # fmt: skip
+                runs.append(Run("semi", method, network, frac, seed, steps, run_args))
+    return runs
+
+
+def maskrcnn_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
+    steps = opts.steps or 3000
+    return [
+        Run(
+            "maskrcnn",
+            "maskrcnn",
+            "MaskRCNN-R18",
+            None,
+            seed,
+            steps,
+            [
+                "--config",
+                "experiments/cpu/maskrcnn_synthetic.yaml",
+                "--seed_everything",
+                str(seed),
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.val_check_interval",
+                str(steps // VALIDATIONS),
+                *passthrough,
+            ],
+            monitor="mask_mAP50",
+        )  # fmt: skip
+        for seed in seeds
+    ]
+
+
+def mask2former_runs(
+    opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
+) -> list[Run]:
+    steps = opts.steps or SEMI_STEPS[1.0]
+    runs = []
+    for method, network, args in (
+        ("supervised", PROTOCOL_NETWORK, ["--model", PROTOCOL_NETWORK]),
+        ("mask2former", "Mask2Former-R18", ["--config", "experiments/cpu/mask2former_small.yaml"]),
+    ):
+        for seed in seeds:
+            run_args = [
+                "--config", SEMI_METHODS["supervised"], "--config", PROTOCOL, *args,
+                "--data.init_args.labeled", "1.0", "--data.init_args.seed", str(seed),
+                "--seed_everything", str(seed), "--trainer.max_steps", str(steps),
+                "--trainer.val_check_interval", str(steps // VALIDATIONS), *passthrough,
+            ]  # fmt: skip
+            runs.append(Run("mask2former", method, network, 1.0, seed, steps, run_args))
+    return runs
+
+
+STUDIES = {"semi": semi_runs, "maskrcnn": maskrcnn_runs, "mask2former": mask2former_runs}
+
+
+# ----------------------------------------------------------------------------- records
+def recorded(study: str) -> set[tuple[str, ...]]:
+    path = RESULTS / f"{study}.csv"
+    if not path.is_file():
+        return set()
+    with path.open(newline="") as f:
+        return {
+            (r["method"], r["network"], r["labeled"], r["seed"], r["steps"])
+            for r in csv.DictReader(f)
+        }
+
+
+_LOCK = threading.Lock()
+
+
+def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Append rows to a CSV (header first if new), flushed to disk before returning."""
+    with _LOCK:
+        new = not path.is_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "seglight", "experiments")
+    return rev + ("-dirty" if dirty else "")
+
+
+def at_fraction(history: list[dict], key: str, steps: int, fraction: float) -> float | None:
+    """The value of `key` at the last validation at or before `fraction` of the steps."""
+    points = [h for h in history if h.get(key) is not None and h["step"] <= fraction * steps]
+    return points[-1][key] if points else None
+
+
+def summarise(run: Run, run_dir: Path, wall_s: float, command: str) -> tuple[dict, list[dict]]:
+    """The CSV row and the curve rows of a finished run, from its metrics.json."""
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    history = sorted(summary.get("history", []), key=lambda h: h["step"])
+    if not history or history[-1]["step"] != run.steps:
+        raise RuntimeError(f"{run.name}: no validation at the last step {run.steps}")
+    tests = [e for e in summary.get("evaluations", []) if e.get("stage") == "test"]
+    test = tests[-1]["metrics"] if tests else {}
+    final, at75 = history[-1].get(run.monitor), at_fraction(history, run.monitor, run.steps, 0.75)
+    ious = [h["mIoU"] for h in history if h.get("mIoU") is not None]
+
+    def percent(v: float | None) -> str:  # metrics.json holds fractions; the CSV percent
+        return "" if v is None else f"{100 * v:.2f}"
+
+    row = {
+        "study": run.study, "method": run.method, "network": run.network,
+        "labeled": fmt(run.labeled), "seed": run.seed, "steps": run.steps,
+        "val_mIoU": percent(history[-1].get("mIoU")),
+        "val_mIoU_75": percent(at_fraction(history, "mIoU", run.steps, 0.75)),
+        "val_mIoU_best": percent(max(ious, default=None)),
+        "test_mIoU": percent(test.get("mIoU")),
+        "mask_mAP": percent(history[-1].get("mask_mAP")),
+        "mask_mAP50": percent(history[-1].get("mask_mAP50")),
+        # README's criterion: the monitored metric at 75% of the steps within 1 point of the end
+        "converged": "" if final is None or at75 is None else str(abs(final - at75) * 100 <= 1.0),
+        "wall_s": f"{wall_s:.0f}", "commit": commit(), "command": command,
+    }  # fmt: skip
+    curves = [
+        {
+            "study": run.study,
+            "method": run.method,
+            "labeled": fmt(run.labeled),
+            "seed": run.seed,
+            "step": h["step"],
+            "metric": metric,
+            "value": value,
+        }  # fmt: skip
+        for h in history
+        for metric, value in h.items()
+        if metric not in ("step", "epoch") and isinstance(value, int | float)
+    ]
+    return row, curves
+
+
+# ----------------------------------------------------------------------------- running
+def seglight(stage: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "seglight", stage, *args, "--threads", "1"]
+
+
+def execute(run: Run, runs_dir: Path, log: Path, dry_run: bool) -> None:
+    run_dir = runs_dir / run.study / run.name
+    fit = [*run.args, "--trainer.default_root_dir", str(run_dir)]
+    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if resume:
+        fit += ["--ckpt_path", "last"]
+    elif run_dir.exists() and not dry_run:  # a start that wrote nothing worth keeping
+        import shutil
+
+        shutil.rmtree(run_dir)
+    command = shlex.join(["python", "-m", "seglight", "fit", *run.args])
+    if dry_run:
+        print(("resume: " if resume else "") + command)
+        return
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    started = time.time()
+    say(f"start {run.study}/{run.name}{' (resumed)' if resume else ''}")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with (log.parent / f"{run.study}-{run.name}.log").open("a") as out:
+        done = subprocess.run(seglight("fit", fit), cwd=REPO, stdout=out, stderr=out, env=env)
+        if done.returncode != 0:
+            say(f"FAILED {run.study}/{run.name} (exit {done.returncode}; see {out.name})")
+            return
+        last = run_dir / "checkpoints" / "last.ckpt"
+        test = [*run.args, "--trainer.default_root_dir", str(run_dir), "--ckpt_path", str(last)]
+        done = subprocess.run(seglight("test", test), cwd=REPO, stdout=out, stderr=out, env=env)
+        if done.returncode != 0:
+            say(f"FAILED test of {run.study}/{run.name} (see {out.name})")
+            return
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    history = summary.get("history") or [{}]
+    wall = history[-1].get("wall_s") or (time.time() - started)
+    row, curves = summarise(run, run_dir, wall, command)
+    append_rows(RESULTS / f"{run.study}.csv", COLUMNS, [row])
+    append_rows(RESULTS / f"{run.study}_curves.csv", CURVE_COLUMNS, curves)
+    say(
+        f"done {run.study}/{run.name}: val {row['val_mIoU']} (75%: {row['val_mIoU_75']}), "
+        f"test {row['test_mIoU']}, {row['wall_s']} s"
+    )
+
+
+def say(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def iterate(runs: list[Run], done: set[tuple[str, ...]]) -> Iterator[Run]:
+    for run in runs:
+        if run.key in done:
+            continue
+        yield run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--methods", default=None, help="semi: comma-separated subset")
+    parser.add_argument("--labeled", default="0.125", help="semi: comma-separated fractions")
+    parser.add_argument("--steps", type=int, default=None, help="override the study's budget")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "study"))
+    parser.add_argument("--dry-run", action="store_true")
+    opts, passthrough = parser.parse_known_args(argv)
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    runs = STUDIES[opts.study](opts, seeds, passthrough)
+    todo = list(iterate(runs, recorded(opts.study)))
+    say(f"{opts.study}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {len(todo)} to run")
+    runs_dir = Path(opts.runs_dir)
+    log = runs_dir / "logs" / "x"
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for future in [pool.submit(execute, r, runs_dir, log, opts.dry_run) for r in todo]:
+            future.result()
+
+
+if __name__ == "__main__":
+    main()
