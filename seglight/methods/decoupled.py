@@ -524,8 +524,9 @@ class DecoupledNet(SegmentationModel):
             module.train(not self._frozen)
         if self._frozen:
             count = sum(p.numel() for p in self._classifier_parameters())
+            resumed = f", resumed at step {self.global_step}" * (self.global_step > self.stage1_end)
             self._say(
-                f"stage 2 from step {self.global_step}: the classifier is frozen ({count:,} "
+                f"stage 2 from step {self.stage1_end}{resumed}: the classifier is frozen ({count:,} "
                 "parameters: encoder, fc6/fc7, class scores; BatchNorm in eval mode); the bridge "
                 "and decoder train on the labelled images"
             )
