@@ -14,6 +14,7 @@ import torch
 from conftest import make_fake_camvid
 
 from seglight.data import CamVid, SemiSupervised
+from seglight.data.semi import presence
 from seglight.methods import AdvSemiSeg, DecoupledNet, GANSemiSeg
 from seglight.methods.advsemiseg import (
     FCDiscriminator,
@@ -238,18 +239,203 @@ def test_sample_present_classes():
 
 def test_decoupled_learns_from_image_labels_of_unlabelled_images(camvid_root, tmp_path):
     """With image_labels for the unlabelled images, the classifier sees every image (the
-    paper's many weak labels), the decoder only the labelled ones."""
+    paper's many weak labels), the decoder only the labelled ones: in stage 1 one encoder pass
+    over labelled and unlabelled images and no decoder; in stage 2 the labelled images only;
+    joint training does both in one step."""
     names = sorted(p.stem for p in (camvid_root / "train").iterdir())
     labels = tmp_path / "image_labels.json"
     labels.write_text(json.dumps({n: ["Sky", "Road"] for n in names}))
-    model = build("DecoupledNet")
-    encoded, decoded = [], []
-    model.net.encoder.stages[0].register_forward_hook(lambda m, i, o: encoded.append(o.shape[0]))
-    model.net.figure_ground.register_forward_hook(lambda m, i, o: decoded.append(o.shape[0]))
     data = semi_data(camvid_root, crop=64, image_labels=str(labels))
-    trainer(1).fit(model, datamodule=data)
-    assert encoded == [4]  # 2 labelled + 2 unlabelled images in one pass
-    assert decoded == [4]  # 2 labelled images x 2 classes present in each crop
+    for options, expect_encoded, expect_decoded in [
+        ({"joint": True}, [4], [4]),  # 2 labelled + 2 unlabelled; 2 labelled x 2 classes
+        ({"stage1_steps": 1}, [4, 2], [4]),  # stage 1: classifier only; stage 2: decoder
+    ]:
+        model = build("DecoupledNet", **options)
+        encoded, decoded = [], []
+        model.net.encoder.stages[0].register_forward_hook(
+            lambda m, i, o, seen=encoded: seen.append(o.shape[0])
+        )
+        model.net.figure_ground.register_forward_hook(
+            lambda m, i, o, seen=decoded: seen.append(o.shape[0])
+        )
+        trainer(len(expect_encoded)).fit(model, datamodule=data)
+        assert encoded == expect_encoded, options
+        assert decoded == expect_decoded, options
+
+
+def _classifier_and_decoder(model: DecoupledNet) -> tuple[dict, dict]:
+    """(classifier state, bridge + decoder state) of a DecoupledNet: parameters and buffers."""
+    net = model.net
+    classifier = {"encoder", "fc", "score"}
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    first = {k: v for k, v in state.items() if k.split(".")[0] in classifier}
+    rest = {k: v for k, v in state.items() if k.split(".")[0] not in classifier}
+    return first, rest
+
+
+def test_decoupled_second_stage_freezes_the_classifier_as_the_released_prototxt(camvid_root):
+    """The released training prototxts (HyeonwooNoh/DecoupledNet,
+    training/005_train_seg_5_anno/005_train_seg_5_anno.prototxt, and likewise 003_..._25_anno and
+    004_..._10_anno) set `blobs_lr: 0` on every conv and fc layer of the classification network
+    (conv1_1 ... conv5_3, fc6, fc7, cls-score-voc) and train only the bridge and decoder
+    (`blobs_lr: 1 blobs_lr: 2`) with the figure-ground loss. Here stage 1 (steps 0, 1) trains
+    the classifier only, and from step 2 on the classifier is frozen: no gradient, learning rate
+    0, BatchNorm in eval mode (its statistics do not move), while the bridge and decoder learn.
+    The loss parts are logged and validation runs in both stages."""
+    torch.manual_seed(0)
+    model = build("DecoupledNet", stage1_steps=2)
+    seen: list[dict] = []
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            classifier = [module.net.encoder, module.net.fc, module.net.score]
+            params = [p for m in classifier for p in m.parameters()]
+            ids = {id(p) for p in params}
+            seen.append(
+                {
+                    "requires_grad": {p.requires_grad for p in params},
+                    "training": {m.training for c in classifier for m in c.modules()},
+                    # the learning rate of this step
+                    "lr": {
+                        g["lr"]
+                        for g in optimizer.param_groups
+                        if any(id(p) in ids for p in g["params"])
+                    },
+                }
+            )
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen[-1]["state"] = _classifier_and_decoder(module)
+            seen[-1]["logged"] = set(trainer.callback_metrics)
+
+        def on_validation_end(self, trainer, module):
+            seen.append({"val": float(trainer.callback_metrics["val/mIoU"])})
+
+    start = _classifier_and_decoder(model)
+    # validation after every step: a stage-2 step after a validation keeps the classifier frozen
+    t = trainer(4, callbacks=[Record()], limit_val_batches=1, val_check_interval=1)
+    t.fit(model, datamodule=semi_data(camvid_root))
+    steps = [s for s in seen if "state" in s]
+    vals = [s["val"] for s in seen if "val" in s]
+    assert len(steps) == 4 and len(vals) == 4
+    assert all(0 <= v <= 1 for v in vals)
+    # stage 1: the classifier learns, the bridge and decoder do not
+    (cls1, seg1) = steps[1]["state"]
+    assert any(not torch.equal(cls1[k], start[0][k]) for k in cls1)
+    assert all(torch.equal(seg1[k], start[1][k]) for k in seg1)
+    assert steps[1]["requires_grad"] == {True} and steps[1]["lr"] != {0.0}
+    assert {"train/loss_cls_step", "train/loss_step"} <= steps[1]["logged"]
+    # stage 2: the classifier is frozen, to the bit (weights and BatchNorm statistics)
+    for step in steps[2:]:
+        cls, seg = step["state"]
+        assert all(torch.equal(cls[k], cls1[k]) for k in cls), "classifier moved in stage 2"
+        assert step["requires_grad"] == {False}
+        assert step["training"] == {False}  # BatchNorm (and dropout) in eval mode
+        assert step["lr"] == {0.0}
+        assert {"train/loss_seg_step", "train/loss_cls_step"} <= step["logged"]
+    assert any(not torch.equal(steps[3]["state"][1][k], seg1[k]) for k in seg1)
+    model.train()  # a frozen classifier stays in eval mode, whoever switches the model to train
+    assert not any(m.training for c in (model.net.encoder, model.net.fc) for m in c.modules())
+    assert model.net.bridge.training
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_decoupled_classifies_labelled_crops_against_their_own_labels(
+    joint, camvid_root, monkeypatch
+):
+    """The classification target of a labelled crop is the classes present in the crop's mask,
+    not the whole image's `image_labels` (which name classes the crop may have cut away)."""
+    targets: list[torch.Tensor] = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def recording(logits, target, *args, **kwargs):
+        targets.append(target.detach().clone())
+        return bce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", recording)
+    batches: list[dict] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            batches.append({k: v.clone() for k, v in batch["labeled"].items() if k != "name"})
+
+    torch.manual_seed(0)
+    model = build("DecoupledNet", joint=joint, stage1_steps=3)
+    trainer(3 if joint else 4, callbacks=[Record()]).fit(
+        model, datamodule=semi_data(camvid_root, 16)
+    )
+    # one classification loss per step (in stage 2, step 3, the frozen classifier's, logged)
+    assert len(targets) == len(batches) == (3 if joint else 4)
+    objects = model.net.object_classes
+    differs = False
+    for batch, target in zip(batches, targets, strict=True):
+        crop = torch.stack([presence(m, 11) for m in batch["mask"]])[:, objects]
+        assert torch.equal(target[: len(crop)], crop)
+        differs |= not torch.equal(crop, batch["image_labels"][:, objects])
+    assert differs  # the 16x16 crops of 48x64 images miss classes of their whole images
+
+
+def test_decoupled_resumes_exactly_in_either_stage(camvid_root, tmp_path):
+    """4 steps straight (stage 1: steps 0, 1) against runs resumed from step 1 (in stage 1) and
+    from step 2 (the first step of stage 2): the same weights, optimiser state and schedule; the
+    run resumed in stage 2 has its classifier frozen from its first step."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    frozen: list[bool] = []
+
+    class Check(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            classifier = [module.net.encoder, module.net.fc, module.net.score]
+            frozen.append(
+                not any(p.requires_grad for m in classifier for p in m.parameters())
+                and not any(m.training for c in classifier for m in c.modules())
+            )
+
+    def run(name: str, ckpt: Path | None = None) -> tuple[DecoupledNet, L.Trainer]:
+        L.seed_everything(0)
+        model = build("DecoupledNet", stage1_steps=2)
+        every = ModelCheckpoint(tmp_path / name, "{step}", every_n_train_steps=1, save_top_k=-1)
+        t = trainer(
+            4, callbacks=[every, Check()], default_root_dir=str(tmp_path / name),
+            enable_checkpointing=True,
+        )  # fmt: skip
+        t.fit(model, datamodule=semi_data(camvid_root), ckpt_path=str(ckpt) if ckpt else None)
+        return model, t
+
+    straight, t = run("straight")
+    assert frozen == [False, False, True, True]
+    for step in (1, 2):
+        frozen.clear()
+        resumed, t2 = run(f"from{step}", tmp_path / "straight" / f"step={step}.ckpt")
+        assert frozen == [s >= 2 for s in range(step, 4)]
+        differ = [
+            k
+            for k, v in straight.state_dict().items()
+            if not torch.equal(v, resumed.state_dict()[k])
+        ]
+        assert not differ, (step, differ[:5])
+        a, b = t.optimizers[0].state_dict(), t2.optimizers[0].state_dict()
+        assert [g["lr"] for g in a["param_groups"]] == [g["lr"] for g in b["param_groups"]]
+        for index, entry in a["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(value, b["state"][index][key]), (step, index, key)
+
+
+def test_decoupled_stages_that_do_not_fit_the_run_are_clear(camvid_root):
+    from seglight.errors import ConfigError
+
+    for bad in (0, -3, 1.5, 0.0, True):
+        with pytest.raises(ConfigError, match="stage1_steps must be"):
+            build("DecoupledNet", stage1_steps=bad)
+    with pytest.raises(ConfigError, match=r"stage1_steps=5 is not shorter than the run \(4 steps"):
+        trainer(4).fit(build("DecoupledNet", stage1_steps=5), datamodule=semi_data(camvid_root))
+    with pytest.raises(ConfigError, match="stage1_steps=0.1 of a 4-step run"):
+        trainer(4).fit(build("DecoupledNet", stage1_steps=0.1), datamodule=semi_data(camvid_root))
+    with pytest.raises(ConfigError, match="segmentation_trains_encoder: true needs joint: true"):
+        trainer(4).fit(
+            build("DecoupledNet", segmentation_trains_encoder=True),
+            datamodule=semi_data(camvid_root),
+        )
 
 
 def test_bad_options_are_clear():
