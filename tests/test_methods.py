@@ -203,6 +203,14 @@ def test_cps_ramps_its_weight_up_when_asked(camvid, tmp_path):
         assert trainer_metric(model, "train/cps_weight") == pytest.approx(expected)
 
 
+def test_cps_weight_defaults_are_the_authors_voc_configs():
+    # charlesCXK/TorchSemiSeg exp.voc/voc8.res50v3+.CPS/config.py: C.cps_weight = 1.5;
+    # exp.voc/voc8.res50v3+.CPS+CutMix/config.py: C.cps_weight = 1
+    assert CPS(num_classes=3, network=TINY).cps_weight == 1.5
+    assert CPS(num_classes=3, network=TINY, cutmix=True).cps_weight == 1.0
+    assert CPS(num_classes=3, network=TINY, cutmix=True, cps_weight=5.0).cps_weight == 5.0
+
+
 def test_cps_networks_differ_and_both_encoders_take_the_lr_multiplier():
     model = CPS(num_classes=3, network="LinkNet", encoder_lr_mult=0.1, lr=1.0)
     first = dict(model.net.named_parameters())
