@@ -178,6 +178,30 @@ def test_hrnet_ocr_concatenates_the_four_branches_and_supervises_soft_regions():
         HRNetOCR(num_classes=3, encoder="resnet18")
 
 
+def ran_in_eval(net: nn.Module, x: torch.Tensor) -> set[int]:
+    """ids of the parameters of every module an eval forward of `net` on `x` runs."""
+    ran: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda m, _i, _o: ran.add(m)) for m in net.modules()]
+    with torch.no_grad():
+        net.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    return {id(p) for m in ran for p in m.parameters(recurse=False)}
+
+
+def test_deployed_counts_what_an_eval_forward_runs():
+    # README's "deployed" column: HRNet-OCR's soft-region head feeds OCR at inference (every
+    # parameter runs), DDRNet's auxiliary head is training-only
+    hrnet = HRNetOCR(num_classes=19, encoder="hrnet_w18").net
+    ran = ran_in_eval(hrnet, torch.randn(1, 3, 64, 64))
+    assert all(id(p) in ran for p in hrnet.parameters())
+    ddrnet = DDRNet(num_classes=19).net
+    ran = ran_in_eval(ddrnet, torch.randn(1, 3, 64, 64))
+    assert {id(p) for p in ddrnet.parameters() if id(p) not in ran} == {
+        id(p) for p in ddrnet.aux_head.parameters()
+    }
+
+
 def test_object_context_attends_over_one_region_per_class():
     ocr = ObjectContext(channels=8, key_channels=4).eval()
     feats, regions = torch.randn(2, 8, 6, 7), torch.randn(2, 3, 6, 7)
