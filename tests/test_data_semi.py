@@ -11,10 +11,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import make_fake_camvid
+import yaml
+from conftest import REPO, make_fake_camvid
+from fakes_zoo import make_fake_sbd, make_fake_voc
 from PIL import Image
 
-from seglight.data import CamVid, SemiSupervised, Synthetic
+from seglight.data import VOC, CamVid, SemiSupervised, Synthetic
 from seglight.data.semi import LABELED_FILE, read_split_list
 from seglight.errors import ConfigError, DataError
 from seglight.models import UNet
@@ -107,6 +109,61 @@ def test_split_list_forms_and_counts(camvid):
         dm.setup("fit")
         assert len(dm.labeled_names) == count, labeled
         assert len(dm.datasets["unlabeled"]) == 8 - count
+
+
+def test_voc_protocol_draws_unlabelled_images_from_train_aug():
+    # UniMatch (github.com/LiheYoung/UniMatch) splits/pascal/<n>/unlabeled.txt: the unlabelled
+    # images are the rest of the 10,582-image augmented set, not of VOC's 1,464
+    config = yaml.safe_load((REPO / "experiments/semi_voc/defaults.yaml").read_text())
+    args = config["data"]["init_args"]
+    assert args["dataset"]["init_args"]["train_split"] == "train_aug"
+    assert args["labeled_split"] == "splits/pascal/183/labeled.txt"
+    assert args["unlabeled_split"] == "splits/pascal/183/unlabeled.txt"  # the same split's
+
+
+def test_unimatch_lists_are_read_as_they_are(tmp_path):
+    # VOC 2012 + SBD in their real layout; UniMatch's lists (splits/pascal/<n>/{labeled,
+    # unlabeled}.txt) hold "JPEGImages/x.jpg SegmentationClass/x.png" lines, the last one
+    # without a final newline
+    root = make_fake_voc(
+        tmp_path / "voc", ["2007_000032", "2007_000039", "2008_000008"], ["2007_000033"]
+    )
+    make_fake_sbd(root, ["2008_000002", "2008_000003"], ["2011_000003"])
+    lists = tmp_path / "splits" / "pascal" / "1"
+    lists.mkdir(parents=True)
+
+    def unimatch(path: Path, names: list[str]) -> str:
+        path.write_text("\n".join(f"JPEGImages/{n}.jpg SegmentationClass/{n}.png" for n in names))
+        return str(path)
+
+    unlabelled = ["2011_000003", "2007_000032", "2008_000002", "2008_000008"]  # not 2008_000003
+    dm = SemiSupervised(
+        VOC(train_split="train_aug", cache_dir=str(tmp_path / "cache")),
+        labeled_split=unimatch(lists / "labeled.txt", ["2007_000039"]),
+        unlabeled_split=unimatch(lists / "unlabeled.txt", unlabelled),
+        root=str(root), crop_size=(16, 16), batch_size=2, num_workers=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    assert dm.labeled_names == ["2007_000039"]
+    pool = dm.datasets["unlabeled"]
+    assert [image.stem for image, _ in pool.pairs] == unlabelled  # exactly the list, last included
+    assert all(mask is None for _, mask in pool.pairs)  # unlabelled: no mask is opened
+    # the lists must be a pair, and name images of the train split
+    bad = unimatch(lists / "overlap.txt", ["2008_000002", "2007_000039"])
+    with pytest.raises(DataError, match=r"unlabeled_split .*overlap\.txt' lists 1 labelled image"):
+        SemiSupervised(
+            VOC(train_split="train_aug", cache_dir=str(tmp_path / "cache")),
+            labeled_split=str(lists / "labeled.txt"), unlabeled_split=bad, root=str(root),
+        ).setup("fit")  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"unlabeled_split .*not in the VOC train split.*2007_000033"
+    ):
+        SemiSupervised(
+            VOC(cache_dir=str(tmp_path / "cache")),  # train: VOC's 1,464, not train_aug
+            labeled_split=str(lists / "labeled.txt"),
+            unlabeled_split=unimatch(lists / "val.txt", ["2007_000032", "2007_000033"]),
+            root=str(root),
+        ).setup("fit")
 
 
 def test_everything_else_is_the_wrapped_dataset(camvid):

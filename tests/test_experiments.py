@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, make_fake_camvid
-from fakes_zoo import make_fake_ade20k, make_fake_cityscapes, make_fake_coco, make_fake_voc
+from fakes_zoo import (
+    make_fake_ade20k,
+    make_fake_cityscapes,
+    make_fake_coco,
+    make_fake_sbd,
+    make_fake_voc,
+)
 
 from seglight.cli import run
 
@@ -51,8 +57,14 @@ def without_downloads(path: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_voc(tmp_path_factory) -> Path:
+    """VOC + SBD (semi_voc/ trains on train_aug) and a pair of UniMatch-style lists."""
     root = make_fake_voc(tmp_path_factory.mktemp("data") / "voc", VOC_TRAIN, ["2007_000033"])
+    make_fake_sbd(root, ["2008_000002"], ["2011_000003"])
     (root / "labeled.txt").write_text(f"JPEGImages/{VOC_TRAIN[0]}.jpg x/{VOC_TRAIN[0]}.png\n")
+    unlabelled = [*VOC_TRAIN[1:], "2008_000002", "2011_000003"]
+    (root / "unlabeled.txt").write_text(
+        "\n".join(f"JPEGImages/{n}.jpg x/{n}.png" for n in unlabelled)
+    )
     return root
 
 
@@ -102,6 +114,7 @@ def test_experiment_runs_one_batch(path, tiny_camvid, tiny_voc, tmp_path, monkey
     if data.endswith("VOC"):  # semi_voc/: the literature's protocol
         args += ["--data.root", str(tiny_voc), "--data.crop_size", "[32, 32]"]
         args += ["--data.labeled_split", str(tiny_voc / "labeled.txt")]
+        args += ["--data.unlabeled_split", str(tiny_voc / "unlabeled.txt")]
     for name, make in FAKE_DATA.items():
         if data.endswith(name):
             root = make(tmp_path / name.lower())

@@ -253,6 +253,36 @@ def test_default_r50_has_the_papers_size():
     assert model.net.decoder.query_feat.num_embeddings == 100
 
 
+def test_frozen_batchnorm_as_released_when_pretrained(tmp_path):
+    # facebookresearch/Mask2Former configs/ade20k/semantic-segmentation/
+    # Base-ADE20K-SemanticSegmentation.yaml: RESNETS.NORM unset, i.e. detectron2's FrozenBN
+    import timm
+
+    weights = tmp_path / "encoder.pth"
+    torch.save(timm.create_model(TINY["encoder"]).state_dict(), weights)
+
+    def norms(model: Mask2Former) -> tuple[int, int]:
+        modules = list(model.net.encoder.modules())
+        trainable = sum(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
+        frozen = sum("Frozen" in type(m).__name__ for m in modules)
+        return trainable, frozen
+
+    pretrained = Mask2Former(num_classes=3, encoder_weights=str(weights), **TINY)
+    trainable, frozen = norms(pretrained)
+    assert trainable == 0 and frozen > 0
+    # fixed statistics and affine: nothing to train, nothing updated by a training forward
+    assert not any("bn" in n for n, _ in pretrained.net.encoder.named_parameters())
+    before = {k: v.clone() for k, v in pretrained.net.encoder.state_dict().items()}
+    pretrained.train()(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(v, before[k]) for k, v in pretrained.net.encoder.state_dict().items())
+    assert norms(Mask2Former(num_classes=3, **TINY))[1] == 0  # from scratch: BatchNorm trains
+    assert norms(Mask2Former(num_classes=3, frozen_bn=True, **TINY))[0] == 0
+    assert (
+        norms(Mask2Former(num_classes=3, encoder_weights=str(weights), frozen_bn=False, **TINY))[1]
+        == 0
+    )
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="num_queries must be >= 1, got 0"):
         Mask2Former(num_classes=3, num_queries=0)

@@ -178,12 +178,37 @@ def test_mean_teacher_evaluates_the_teacher(camvid, tmp_path):
         MeanTeacher(num_classes=3, network=TINY, ema_decay=None)
 
 
+def test_mean_teacher_ema_decay_switches_after_the_rampup(camvid, tmp_path):
+    # CuriousAI/mean-teacher tensorflow/mean_teacher/model.py: ema_decay_during_rampup 0.99,
+    # ema_decay_after_rampup 0.999, switched by step_rampup(global_step, rampup_length)
+    model = MeanTeacher(num_classes=11, network=TINY, rampup_steps=2)
+    trainer(tmp_path / "b", 3).fit(model, data(camvid))  # step 2: after the ramp-up
+    assert model.ema.decay == pytest.approx(0.999)
+    assert trainer_metric(model, "train/ema_decay") == pytest.approx(0.999)
+    model = MeanTeacher(num_classes=11, network=TINY, rampup_steps=2)
+    trainer(tmp_path / "a", 2).fit(model, data(camvid))  # steps 0 and 1: the ramp-up
+    assert trainer_metric(model, "train/ema_decay") == pytest.approx(0.99)
+    assert [model.teacher_decay(step) for step in (0, 1, 2, 100)] == [0.99, 0.99, 0.999, 0.999]
+    fixed = MeanTeacher(num_classes=11, network=TINY, rampup_steps=2, ema_decay_after_rampup=None)
+    assert fixed.teacher_decay(100) == 0.99
+    with pytest.raises(ConfigError, match="ema_decay_after_rampup must be in"):
+        MeanTeacher(num_classes=3, network=TINY, ema_decay_after_rampup=1.0)
+
+
 def test_cps_ramps_its_weight_up_when_asked(camvid, tmp_path):
     torch.manual_seed(0)
     for rampup, expected in ((0, 1.5), (10, 1.5 * sigmoid_rampup(1, 10))):
         model = CPS(num_classes=11, network=TINY, rampup_steps=rampup)
         trainer(tmp_path / str(rampup), 2).fit(model, data(camvid))  # the weight of step 1
         assert trainer_metric(model, "train/cps_weight") == pytest.approx(expected)
+
+
+def test_cps_weight_defaults_are_the_authors_voc_configs():
+    # charlesCXK/TorchSemiSeg exp.voc/voc8.res50v3+.CPS/config.py: C.cps_weight = 1.5;
+    # exp.voc/voc8.res50v3+.CPS+CutMix/config.py: C.cps_weight = 1
+    assert CPS(num_classes=3, network=TINY).cps_weight == 1.5
+    assert CPS(num_classes=3, network=TINY, cutmix=True).cps_weight == 1.0
+    assert CPS(num_classes=3, network=TINY, cutmix=True, cps_weight=5.0).cps_weight == 5.0
 
 
 def test_cps_networks_differ_and_both_encoders_take_the_lr_multiplier():
@@ -282,6 +307,26 @@ def test_photometric_jitter_is_per_image_and_off_when_asked():
     assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-4)  # R = G = B
     one_channel = torch.randn(2, 1, 8, 8)
     assert photometric_jitter(one_channel) is one_channel
+
+
+def test_photometric_jitter_hue_range_is_torchvisions():
+    # UniMatch dataset/semi.py: ColorJitter(0.5, 0.5, 0.5, 0.25); torchvision's hue factor 0.25
+    # is a quarter of the hue circle: shifts up to +-90 degrees
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rgb = torch.tensor([130.0, 120.0, 118.0]) / 255  # low chroma: no clamping after rotation
+    image = ((rgb - mean) / std).view(1, 3, 1, 1).expand(4000, 3, 1, 1)
+    out = photometric_jitter(
+        image, p=1.0, brightness=0, contrast=0, saturation=0, hue=0.25, grayscale_p=0, blur_p=0
+    )
+
+    def hue_angle(x: torch.Tensor) -> torch.Tensor:  # YIQ chroma angle, degrees
+        r, g, b = (x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)).unbind(1)
+        i, q = 0.596 * r - 0.274 * g - 0.322 * b, 0.211 * r - 0.523 * g + 0.312 * b
+        return torch.rad2deg(torch.atan2(q, i)).flatten()
+
+    shift = (hue_angle(out) - hue_angle(image) + 180) % 360 - 180
+    assert 85 < shift.abs().max() <= 90.5 and shift.min() < -85 and shift.max() > 85
 
 
 def test_cutmix_boxes_classmix_and_mixing():

@@ -128,6 +128,10 @@ def test_trains_and_every_player_steps(name, camvid_root):
     if name == "AdvSemiSeg":
         d_lr = t.optimizers[1].param_groups[0]["lr"]
         assert d_lr < 1e-4 and t.optimizers[1].param_groups[0]["betas"] == (0.9, 0.99)
+    if name == "GANSemiSeg":  # DCGAN's Adam for the generator: constant lr 2e-4, betas 0.5/0.999
+        g = t.optimizers[1].param_groups[0]
+        assert g["lr"] == 2e-4 and g["betas"] == (0.5, 0.999)
+        assert t.optimizers[0].param_groups[0]["lr"] != model.hparams.lr  # the network's decays
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 33, 47)).shape == (1, 11, 33, 47)

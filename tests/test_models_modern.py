@@ -126,6 +126,34 @@ def test_ddrnet_branches_and_aux_head():
         DDRNet(num_classes=3, variant="39")
 
 
+@pytest.mark.parametrize("variant", ["23-slim", "23"])
+def test_ddrnet_blocks_end_in_relu_as_released(variant):
+    # ydhongHIT/DDRNet segmentation/DDRNet_23_slim.py and DDRNet_23.py, ``_make_layer``: every
+    # block but a stage's last ends in ReLU (BasicBlock's default no_relu=False), the last ends
+    # without; the one-block bottleneck stages (layer5, layer5_; Bottleneck's default
+    # no_relu=True) end without. Checked by behaviour: a block ending in ReLU is never negative.
+    net = DDRNet(num_classes=3, variant=variant).net.eval()
+    names = ["layer1", "layer2", "layer3", "layer3_", "layer4", "layer4_", "layer5", "layer5_"]
+    negative: dict[str, bool] = {}
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _i, out, key=f"{name}.{i}": negative.__setitem__(key, bool((out < 0).any()))
+        )
+        for name in names
+        for i, block in enumerate(getattr(net, name))
+    ]
+    with torch.no_grad():
+        net(torch.randn(1, 3, 128, 128))
+    for hook in hooks:
+        hook.remove()
+    expected = {
+        f"{name}.{i}": i == len(getattr(net, name)) - 1  # only a stage's last may be negative
+        for name in names
+        for i in range(len(getattr(net, name)))
+    }
+    assert negative == expected
+
+
 # ----------------------------------------------------------------------------- BiSeNetV2
 def test_bisenetv2_branches_and_four_booster_heads():
     net = BiSeNetV2(num_classes=19).net.train()
@@ -148,6 +176,30 @@ def test_hrnet_ocr_concatenates_the_four_branches_and_supervises_soft_regions():
     assert out["aux"].shape == (1, 5, 50, 70)
     with pytest.raises(ConfigError, match="HRNetOCR needs a timm HRNet encoder"):
         HRNetOCR(num_classes=3, encoder="resnet18")
+
+
+def ran_in_eval(net: nn.Module, x: torch.Tensor) -> set[int]:
+    """ids of the parameters of every module an eval forward of `net` on `x` runs."""
+    ran: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda m, _i, _o: ran.add(m)) for m in net.modules()]
+    with torch.no_grad():
+        net.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    return {id(p) for m in ran for p in m.parameters(recurse=False)}
+
+
+def test_deployed_counts_what_an_eval_forward_runs():
+    # README's "deployed" column: HRNet-OCR's soft-region head feeds OCR at inference (every
+    # parameter runs), DDRNet's auxiliary head is training-only
+    hrnet = HRNetOCR(num_classes=19, encoder="hrnet_w18").net
+    ran = ran_in_eval(hrnet, torch.randn(1, 3, 64, 64))
+    assert all(id(p) in ran for p in hrnet.parameters())
+    ddrnet = DDRNet(num_classes=19).net
+    ran = ran_in_eval(ddrnet, torch.randn(1, 3, 64, 64))
+    assert {id(p) for p in ddrnet.parameters() if id(p) not in ran} == {
+        id(p) for p in ddrnet.aux_head.parameters()
+    }
 
 
 def test_object_context_attends_over_one_region_per_class():

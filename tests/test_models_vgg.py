@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
+from conftest import REPO
 
 from seglight.errors import ConfigError
 from seglight.models import MODELS, FCN8s, FCNNetwork, GFRNetNetwork, SegNetBasicNetwork
@@ -205,6 +207,39 @@ def test_gfrnet_returns_coarse_to_fine_label_maps_in_training():
     mask = torch.randint(0, 4, (1, 45, 61))
     assert model.compute_loss(out, mask) > model.compute_loss(out["out"], mask)
     assert isinstance(net.eval()(torch.randn(1, 3, 33, 35)), torch.Tensor)
+
+
+def test_gfrnet_experiment_weights_all_six_losses_as_released():
+    # mrochan/gfrnet models/camvid/train_camvid_gate.prototxt: losses l1..l6 (SoftmaxWithLoss,
+    # weight_by_label_freqs) all carry these class_weighting values (SegNet's CamVid weights)
+    released = [
+        0.2595,
+        0.1826,
+        4.5640,
+        0.1417,
+        0.9051,
+        0.3826,
+        9.6446,
+        1.8418,
+        0.6823,
+        6.2478,
+        7.3614,
+    ]
+    config = yaml.safe_load((REPO / "experiments" / "gfrnet.yaml").read_text())
+    options = config["model"]["init_args"]
+    assert options["class_weights"] == released and options["aux_weight"] == 1.0
+    options = {**options, "encoder_weights": None}
+    model = MODELS["GFRNet"](num_classes=11, **options)
+    out = model.net.train()(torch.randn(1, 3, 45, 61))
+    mask = torch.randint(0, 11, (1, 45, 61))
+    weight = torch.tensor(released)
+    maps = [out["out"], *out["aux"]]
+    assert len(maps) == 6
+    expected = sum(
+        F.cross_entropy(F.interpolate(m, size=(45, 61), mode="bilinear"), mask, weight=weight)
+        for m in maps
+    )
+    assert torch.allclose(model.compute_loss(out, mask), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["FCN8s", "DeepLabASPP", "GFRNet"])

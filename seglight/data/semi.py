@@ -7,7 +7,10 @@ Cityscapes lists, are in this form, and a line "JPEGImages/x.jpg SegmentationCla
 counts as image x). The choice is written to <run dir>/labeled.txt, a valid `labeled_split`, so a
 run can be repeated exactly.
 
-The rest of the training split is unlabelled, and its masks are never opened: unlabelled samples
+The rest of the training split is unlabelled, or, with `unlabeled_split`, exactly the images a
+second list names (UniMatch's splits/pascal/<n>/unlabeled.txt, read as they are: one
+"JPEGImages/x.jpg SegmentationClass/x.png" line per image, the last without a final newline).
+Unlabelled masks are never opened: unlabelled samples
 are read with no mask path, so their "mask" is all ignore_index (the label contract holds, and a
 method that reads it by mistake learns nothing from it). They carry "valid", bool [H, W], False
 on the padding added by cropping, so that pseudo-labels are not trained on padding.
@@ -47,16 +50,17 @@ from seglight.errors import ConfigError, DataError
 LABELED_FILE = "labeled.txt"
 
 
-def read_split_list(path: Path) -> list[str]:
+def read_split_list(path: Path, option: str = "labeled_split") -> list[str]:
     """Image names (file stems) of a split list: one per line, the first whitespace-separated
-    field, any folder and extension dropped; blank lines and '#' comments skipped."""
+    field, any folder and extension dropped; blank lines and '#' comments skipped. `option` names
+    the setting in errors."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise ConfigError(f"labeled_split: cannot read {str(path)!r}: {e.strerror}") from e
+        raise ConfigError(f"{option}: cannot read {str(path)!r}: {e.strerror}") from e
     names = [Path(line.split()[0]).stem for line in lines if line.strip() and line[0] != "#"]
     if not names:
-        raise ConfigError(f"labeled_split {str(path)!r} lists no image")
+        raise ConfigError(f"{option} {str(path)!r} lists no image")
     return names
 
 
@@ -158,6 +162,8 @@ class SemiSupervised(SegmentationDataModule):
         labeled: the labelled part of the training split: a fraction in (0, 1] (0.125 is 46 of
             CamVid's 367: rounded) or a count (an integer: `1` is one image, `1.0` all of them).
         labeled_split: a file listing the labelled images instead (one name per line).
+        unlabeled_split: a file listing the unlabelled images (same form; e.g. UniMatch's
+            unlabeled.txt); default: every training image not labelled.
         seed: seeds the choice of `labeled` images (the same seed gives the same subset).
         unlabeled_batch_size: images per unlabelled batch (default: batch_size).
         image_labels: a JSON file {image name: [class names]} giving image-level labels of the
@@ -171,6 +177,7 @@ class SemiSupervised(SegmentationDataModule):
         dataset: SegmentationDataModule,
         labeled: int | float | None = None,
         labeled_split: str | None = None,
+        unlabeled_split: str | None = None,
         seed: int = 0,
         unlabeled_batch_size: int | None = None,
         image_labels: str | None = None,
@@ -232,6 +239,7 @@ class SemiSupervised(SegmentationDataModule):
         self.dataset = dataset
         self.labeled = labeled
         self.labeled_split = labeled_split
+        self.unlabeled_split = unlabeled_split
         self.seed = seed
         self.unlabeled_batch_size = unlabeled_batch_size or dataset.batch_size
         self.image_labels = image_labels
@@ -278,25 +286,14 @@ class SemiSupervised(SegmentationDataModule):
         what = f"the {type(self.dataset).__name__} train split"
         has_mask = has_mask or [True] * len(names)
         if self.labeled_split is not None:
-            path = Path(self.labeled_split)
-            listed = read_split_list(path)
-            index = {n: i for i, n in enumerate(names)}
-            missing = [n for n in listed if n not in index]
-            if missing:
-                shown = ", ".join(repr(n) for n in missing[:5])
-                raise DataError(
-                    f"labeled_split {str(path)!r}: {len(missing)} listed image(s) not in {what} "
-                    f"({len(names)} images): {shown}{' ...' if len(missing) > 5 else ''}"
-                )
-            twice = sorted({n for n in listed if listed.count(n) > 1})
-            if twice:
-                raise DataError(f"labeled_split {str(path)!r} lists {twice[0]!r} twice")
-            unmasked = [n for n in listed if not has_mask[index[n]]]
+            listed = self._listed("labeled_split", names)
+            unmasked = [i for i in listed if not has_mask[i]]
             if unmasked:
                 raise DataError(
-                    f"labeled_split {str(path)!r}: image {unmasked[0]!r} has no mask in {what}"
+                    f"labeled_split {self.labeled_split!r}: image {names[unmasked[0]]!r} has no "
+                    f"mask in {what}"
                 )
-            return sorted(index[n] for n in listed)
+            return sorted(listed)
         if isinstance(self.labeled, float):
             count = max(1, round(self.labeled * len(names)))
         else:
@@ -313,6 +310,25 @@ class SemiSupervised(SegmentationDataModule):
             )
         order = np.random.default_rng(self.seed).permutation(len(eligible))
         return sorted(eligible[int(i)] for i in order[:count])
+
+    def _listed(self, option: str, names: list[str]) -> list[int]:
+        """Indices (into `names`, the training split) of the images that the list file of
+        `option` ("labeled_split" or "unlabeled_split") names, in its order."""
+        path = Path(getattr(self, option))
+        listed = read_split_list(path, option)
+        index = {n: i for i, n in enumerate(names)}
+        missing = [n for n in listed if n not in index]
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:5])
+            raise DataError(
+                f"{option} {str(path)!r}: {len(missing)} listed image(s) not in the "
+                f"{type(self.dataset).__name__} train split ({len(names)} images): "
+                f"{shown}{' ...' if len(missing) > 5 else ''}"
+            )
+        if len(set(listed)) < len(listed):
+            twice = sorted({n for n in listed if listed.count(n) > 1})
+            raise DataError(f"{option} {str(path)!r} lists {twice[0]!r} twice")
+        return [index[n] for n in listed]
 
     def _read_image_labels(self, names: list[str]) -> dict[str, torch.Tensor]:
         path = Path(self.image_labels).expanduser()
@@ -365,8 +381,12 @@ class SemiSupervised(SegmentationDataModule):
 
     def _describe(self) -> str:
         if self.labeled_split is not None:
-            return f"labeled_split={self.labeled_split}"
-        return f"labeled={self.labeled}, seed={self.seed}"
+            chosen = f"labeled_split={self.labeled_split}"
+        else:
+            chosen = f"labeled={self.labeled}, seed={self.seed}"
+        if self.unlabeled_split is not None:
+            chosen += f", unlabeled_split={self.unlabeled_split}"
+        return chosen
 
     def _build_train(self) -> None:
         """datasets["train"] (labelled) and datasets["unlabeled"] from the wrapped train split."""
@@ -378,7 +398,18 @@ class SemiSupervised(SegmentationDataModule):
             names = [image.stem for image, _ in full.pairs]
             chosen = set(self._choose(names, [mask is not None for _, mask in full.pairs]))
             labelled = [full.pairs[i] for i in sorted(chosen)]
-            rest = [(full.pairs[i][0], None) for i in range(len(names)) if i not in chosen]
+            if self.unlabeled_split is not None:
+                pool = self._listed("unlabeled_split", names)
+                both = [names[i] for i in pool if i in chosen]
+                if both:
+                    raise DataError(
+                        f"unlabeled_split {self.unlabeled_split!r} lists {len(both)} labelled "
+                        f"image(s) ({both[0]!r} ...): the lists must be a pair (the same split's "
+                        "labeled.txt and unlabeled.txt)"
+                    )
+            else:
+                pool = [i for i in range(len(names)) if i not in chosen]
+            rest = [(full.pairs[i][0], None) for i in pool]
             image_labels = (
                 self._read_image_labels([p[0].stem for p in rest]) if self.image_labels else None
             )
@@ -387,9 +418,11 @@ class SemiSupervised(SegmentationDataModule):
             self.labeled_names = [p[0].stem for p in labelled]
             self._warn_missing_classes(self.datasets["train"])
         else:  # generated data (Synthetic): no files to keep closed
-            if self.labeled_split is not None or self.image_labels is not None:
+            if any(
+                v is not None for v in (self.labeled_split, self.unlabeled_split, self.image_labels)
+            ):
                 raise ConfigError(
-                    f"labeled_split and image_labels need a file-based dataset, not "
+                    f"labeled_split, unlabeled_split and image_labels need a file-based dataset, not "
                     f"{type(self.dataset).__name__}"
                 )
             chosen = self._choose([str(i) for i in range(len(full))])

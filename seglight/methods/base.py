@@ -150,7 +150,9 @@ def photometric_jitter(
 ) -> torch.Tensor:
     """UniMatch's strong photometric augmentation on a normalised batch [B, 3, H, W], per image:
     with probability p colour jitter (brightness, contrast, saturation factors in [1 - s, 1 + s],
-    hue rotated by up to hue * 180 degrees), grayscale with probability grayscale_p, Gaussian
+    hue rotated by up to hue * 360 degrees: torchvision's hue factor is a fraction of the hue
+    circle, so UniMatch's ColorJitter(hue=0.25) shifts up to +-90), grayscale with probability
+    grayscale_p, Gaussian
     blur (sigma uniform in blur_sigma) with probability blur_p. Returns the same shape,
     normalised. Images without 3 channels are returned unchanged.
 
@@ -171,7 +173,7 @@ def photometric_jitter(
         _per_image(jitter, p, 1 - saturation, 1 + saturation),
     )
     if hue > 0:
-        angle = (2 * torch.rand(b, device=image.device) - 1) * hue * math.pi
+        angle = (2 * torch.rand(b, device=image.device) - 1) * hue * 2 * math.pi
         x = _rotate_hue(x, torch.where(jitter < p, angle, torch.zeros_like(angle)))
     gray = torch.rand(b, device=image.device) < grayscale_p
     luma = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)

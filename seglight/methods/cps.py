@@ -4,10 +4,15 @@ with cross pseudo supervision", CVPR 2021).
 Two networks of the same architecture, initialised differently, each trained with cross-entropy
 towards the other's hard pseudo-labels (argmax), on the labelled and unlabelled images together,
 plus the supervised cross-entropy of both: L = L_s(1) + L_s(2) + lambda (L_cps(1<-2) +
-L_cps(2<-1)). One optimiser over both networks, as in the authors' code (TorchSemiSeg); the
-first network (`net`) is evaluated, as their eval uses branch1.
+L_cps(2<-1)). One optimiser over both networks: the authors' code (TorchSemiSeg, train.py) has
+two SGD optimisers, one per network, with the same settings and learning rate, stepped together
+after one backward pass of the summed loss; SGD (momentum, weight decay) acts on each parameter
+alone, so one optimiser over both parameter sets takes the same steps. The first network
+(`net`) is evaluated, as their eval uses branch1.
 
-Defaults: lambda = 1.5 (the paper, Sec. 4.1: 1.5 on PASCAL VOC, 6 on Cityscapes); `cutmix: true`
+Defaults: lambda as the authors' VOC configs (exp.voc/voc8.res50v3+.CPS/config.py and
+.CPS+CutMix/config.py): 1.5 without CutMix (the paper, Sec. 4.1), 1 with it; their Cityscapes
+configs use 6 and 5 (`cps_weight` sets it). `cutmix: true`
 is the paper's "CPS + CutMix" (Table 1-2, the authors' cutmix code): pseudo-labels are predicted
 on two unlabelled images, mixed with a CutMix box, and the networks predict the mixed image; the
 CPS term is then on unlabelled images only. Deviations: the CutMix source is another image of
@@ -48,7 +53,8 @@ class CPS(SemiSupervisedModel):
 
     Args:
         network: the architecture of both networks (see SemiSupervisedModel).
-        cps_weight: lambda, the weight of the cross pseudo supervision loss (1.5, VOC).
+        cps_weight: lambda, the weight of the cross pseudo supervision loss; default the
+            authors' VOC value: 1.5, or 1 with `cutmix` (Cityscapes: 6, or 5 with `cutmix`).
         cutmix: the CutMix variant (CPS + CutMix).
         cutmix_p: probability of a CutMix box per image in that variant.
         rampup_steps: optimiser steps of a sigmoid ramp-up of lambda (0: constant, the paper).
@@ -58,7 +64,7 @@ class CPS(SemiSupervisedModel):
     def __init__(
         self,
         network: NetworkSpec = "DeepLabV3Plus",
-        cps_weight: float = 1.5,
+        cps_weight: float | None = None,
         cutmix: bool = False,
         cutmix_p: float = 1.0,
         rampup_steps: int = 0,
@@ -66,7 +72,7 @@ class CPS(SemiSupervisedModel):
     ) -> None:
         super().__init__(network=network, **kwargs)
         self.net2 = self.build_network()  # a second draw of the initial weights
-        self.cps_weight = cps_weight
+        self.cps_weight = cps_weight if cps_weight is not None else (1.0 if cutmix else 1.5)
         self.cutmix = cutmix
         self.cutmix_p = cutmix_p
         self.rampup_steps = rampup_steps

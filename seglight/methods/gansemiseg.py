@@ -21,8 +21,9 @@ The generator is DCGAN's (Radford et al. 2016; our choice of a standard noise-to
 reshaped to [8c, h/16, w/16], then four fractionally-strided 4x4 convolutions (BN-ReLU) double
 the resolution up to `image_size` (the crop; resized to a batch of another size), the last
 with tanh; its output, in [0, 1] after
-(tanh + 1) / 2, is normalised like the data (ImageNet mean / std). G is optimised by Adam (lr 2e-4,
-betas 0.5 / 0.999, DCGAN's; the paper does not give G's optimiser).
+(tanh + 1) / 2, is normalised like the data (ImageNet mean / std). G is optimised by Adam at a
+constant lr 2e-4, betas 0.5 / 0.999 (DCGAN's; the paper does not give G's optimiser), while the
+segmentation network follows the model's own schedule.
 Deviations: the labelled loss is the K-way cross-entropy (the paper's K+1-way one differs
 only by the fake channel's share of the softmax); generated images are normalised with their own batch statistics by the network's
 BatchNorm layers but do not enter the running statistics used at evaluation (they would pull
@@ -152,7 +153,7 @@ class GANSemiSeg(SemiSupervisedModel):
         image_size: (H, W) of the generated images: the training crop.
         z_dim: the generator's noise dimension (100).
         g_channels: channels of the generator's last hidden layer (64).
-        g_lr: Adam learning rate of the generator (2e-4).
+        g_lr: Adam learning rate of the generator (2e-4, constant as DCGAN's).
         g_betas: Adam betas of the generator (0.5, 0.999).
         lambda_unlabeled: weight of the unlabelled images' "real" loss (1).
         lambda_fake: weight of the generated images' "fake" loss (1).
@@ -181,7 +182,7 @@ class GANSemiSeg(SemiSupervisedModel):
     def configure_optimizers(self) -> list[dict]:
         hp = self.hparams
         g_opt = torch.optim.Adam(self.generator.parameters(), lr=hp.g_lr, betas=tuple(hp.g_betas))
-        return self.with_auxiliary_optimizer(self.generator, g_opt)
+        return self.with_auxiliary_optimizer(self.generator, g_opt, schedule=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams

@@ -18,8 +18,10 @@ the authors' released code (ydhongHIT/DDRNet, ``DDRNet_23_slim.py`` / ``DDRNet_2
   weight 0.4 in the paper (Sec. 4.2; seglight's default ``aux_weight``). Training returns
   {"out", "aux"}.
 
-C = 32 for 23-slim and 64 for 23. Blocks end without ReLU where the next operation applies it
-(the released code's ``no_relu``), as here. The logits are resized to the input (any size) rather
+C = 32 for 23-slim and 64 for 23. Within a stage every block ends in ReLU but the last, which
+ends without: the next operation (a fusion's ReLU, the next stage's input ReLU, DAPPM's or the
+head's BN-ReLU) applies it (the released ``_make_layer`` and ``no_relu``; the one-block bottleneck
+stages at 1/64 and on the high-resolution branch end without ReLU too). The logits are resized to the input (any size) rather
 than upsampled by exactly 8.
 
 Difference: in training, a DAPPM pooled map with fewer than three values per channel (inputs under
@@ -91,11 +93,23 @@ class Block(nn.Module):
 
 
 def stage(in_channels: int, channels: int, blocks: int, stride: int = 1, bottleneck: bool = False):
-    """`blocks` blocks, the first with `stride`; the last of two or more without its final ReLU."""
+    """`blocks` blocks, the first with `stride`; every block but the last ends in ReLU, the last
+    without (the next operation applies it). As the released ``_make_layer``: its first block
+    takes the block's default ``no_relu`` (False for BasicBlock, True for Bottleneck, DDRNet's
+    stages being two basic blocks or one bottleneck), the later ones ``no_relu`` on the last."""
     out = channels * (2 if bottleneck else 1)
-    layers = [Block(in_channels, channels, stride, bottleneck, relu=blocks == 1)]
-    layers += [Block(out, channels, 1, bottleneck, relu=i < blocks - 1) for i in range(1, blocks)]
-    return nn.Sequential(*layers)
+    return nn.Sequential(
+        *(
+            Block(
+                in_channels if i == 0 else out,
+                channels,
+                stride if i == 0 else 1,
+                bottleneck,
+                relu=i < blocks - 1,
+            )
+            for i in range(blocks)
+        )
+    )
 
 
 def norm_act_conv(in_channels: int, out_channels: int, kernel_size: int = 1) -> nn.Sequential:

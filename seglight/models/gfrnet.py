@@ -22,11 +22,13 @@ released prototxt does; hence ``aux_weight: 1.0``). Weights are initialised as t
 PyTorch's default (seglight's classifier init, so that training starts at a loss near
 ln(classes); with the msra filler it starts ~35% higher).
 
-Deviation: the released conv7 has no padding (pool5's 12x15 map of a 360x480 image becomes 10x13,
-then is stretched to conv5_3's 23x30); here it is padded ("same"), which keeps the coarse map
-aligned with pool5 and lets inputs smaller than 96 pixels through. Parameters are unchanged: for
-11 classes 29,194,090, the released model's count exactly (VGG16-BN 14.73M, conv6/conv7 14.16M,
-gates and refinement units 0.30M; the paper gives no count).
+conv6 and conv7 are padded ("same", ``pad: 1`` in both released prototxts), so the coarse map
+keeps pool5's size. Parameters: for 11 classes 29,194,090, the released model's count exactly
+(VGG16-BN 14.73M, conv6/conv7 14.16M, gates and refinement units 0.30M; the paper gives no
+count).
+
+The released training weights the classes in all six losses by median frequency (SegNet's
+published CamVid weights); ``experiments/gfrnet.yaml`` sets them (``class_weights``).
 
 ``encoder: vgg16`` drops the encoder's BatchNorm (the paper's plain VGG16: ImageNet weights for
 it are the paper's initialisation). ``encoder: <timm model>`` (e.g. resnet50): its feature

@@ -22,7 +22,8 @@ segmentation backbone (its stem and four stages; the classification head is not 
 whose sides do not divide by 32 are zero-padded and the logits cropped back (HRNet's fuse layers
 upsample by exact factors). No parameter count is taken from the papers here: ours for 19 classes
 are 70.37M with W48 (70.3M is the figure usually quoted for the released W48-OCR model; we could
-not check it against the papers here), 12.08M with W18.
+not check it against the papers here), 12.08M with W18; all of them run at inference, the
+soft-region head included (OCR pools with its regions).
 """
 
 from __future__ import annotations

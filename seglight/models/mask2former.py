@@ -57,10 +57,16 @@ kernel: the same function, slower and more memory-hungry on a GPU; (2) the numbe
 that normalises the mask losses is per process, not averaged over GPUs; (3) weight decay follows
 seglight's rule (none on norms and biases) and so applies to the query/level embeddings, which the
 released config exempts (``WEIGHT_DECAY_EMBED: 0.0``); (4) data augmentation is seglight's
-(random scale 0.5-2.0, crop, flip; the released config adds SSD colour jitter and a per-crop
-category-area limit); (5) the backbone is timm's ResNet-50 (the released one is detectron2's
-torchvision-style R50: the same architecture); (6) the attention mask is computed as logit < 0,
-which is sigmoid < 0.5. The released training clips the gradient norm at 0.01 and uses a backbone
+(random scale 0.5-2.0, crop, flip; the released config adds SSD colour jitter; its per-crop
+category-area limit is off there, ``SINGLE_CATEGORY_MAX_AREA: 1.0``); (5) the backbone is timm's
+ResNet-50 where the released one is detectron2's: the same layers (torchvision-style, stride in
+the 3x3 conv: ``STRIDE_IN_1X1: False``), but detectron2's BatchNorm is frozen (``RESNETS.NORM``
+is left at its default ``FrozenBN``: fixed ImageNet statistics and affine, with ``FREEZE_AT: 0``
+training every convolution). ``frozen_bn`` does the same here and is on by default when
+``encoder_weights`` is given (as released); from scratch (no weights) the BatchNorm trains, as
+frozen initial statistics would not normalise anything. The released weights are torchvision's
+ImageNet R-50 (timm's ``resnet50.tv_in1k``; timm's default ``resnet50`` weights are its own
+recipe's); (6) the attention mask is computed as logit < 0, which is sigmoid < 0.5. The released training clips the gradient norm at 0.01 and uses a backbone
 learning-rate multiplier 0.1: the ADE20K experiment file sets both (``gradient_clip_val``,
 ``encoder_lr_mult``).
 """
@@ -73,6 +79,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from seglight.errors import ConfigError
@@ -438,6 +445,8 @@ class Mask2FormerNetwork(nn.Module):
         enc_layers: deformable-attention layers of the pixel decoder (6).
         enc_points: sampling points per head and level (4).
         enc_dim_feedforward: the pixel decoder's FFN width (1024).
+        frozen_bn: freeze the encoder's BatchNorm layers (statistics and affine fixed:
+            detectron2's FrozenBN, the released backbone's norm).
     """
 
     def __init__(
@@ -455,6 +464,7 @@ class Mask2FormerNetwork(nn.Module):
         enc_layers: int = 6,
         enc_points: int = 4,
         enc_dim_feedforward: int = 1024,
+        frozen_bn: bool = False,
     ) -> None:
         super().__init__()
         if num_queries < 1:
@@ -466,6 +476,8 @@ class Mask2FormerNetwork(nn.Module):
         self.encoder = TimmEncoder(
             encoder, encoder_weights, in_channels, out_indices=encoder_indices
         )
+        if frozen_bn:  # after loading the weights: their statistics and affine are kept
+            self.encoder = freeze_batch_norm_2d(self.encoder)
         self.neck = FeaturePyramid(
             self.encoder.channels,
             self.encoder.reductions,
@@ -711,6 +723,8 @@ class Mask2Former(SegmentationModel):
         oversample_ratio, importance_sample_ratio: PointRend point sampling (3.0, 0.75).
         class_weight, mask_weight, dice_weight: loss and matching weights (2, 5, 5).
         no_object_weight: CE weight of "no object" (0.1).
+        frozen_bn: freeze the encoder's BatchNorm (detectron2's FrozenBN, as the released R50);
+            default: on when `encoder_weights` is given, off from scratch.
     """
 
     paper_params: ClassVar[float | None] = 44.0
@@ -737,9 +751,12 @@ class Mask2Former(SegmentationModel):
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
         no_object_weight: float = 0.1,
+        frozen_bn: bool | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if frozen_bn is None:  # as released when pretrained (encoder_weights may say "none")
+            frozen_bn = encoder_weights is not None and str(encoder_weights).lower() != "none"
         self.net = Mask2FormerNetwork(
             self.num_classes,
             self.in_channels,
@@ -754,6 +771,7 @@ class Mask2Former(SegmentationModel):
             enc_layers=enc_layers,
             enc_points=enc_points,
             enc_dim_feedforward=enc_dim_feedforward,
+            frozen_bn=frozen_bn,
         )
         self.set_criterion = SetCriterion(
             self.num_classes,
