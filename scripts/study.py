@@ -113,6 +113,11 @@ def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
                 args += ["--model", PROTOCOL_NETWORK]
             elif method == "decoupled":
                 network = "DecoupledNet"  # a network of its own (classification + decoder)
+                # the paper's setting: image-level labels for every training image
+                args += [
+                    "--data.init_args.image_labels",
+                    str(camvid_image_labels(passthrough, Path(opts.runs_dir))),
+                ]
             else:
                 args += ["--model.network", PROTOCOL_NETWORK]
             if method == "gansemiseg":  # its generator draws images of the crop's size
@@ -176,6 +181,39 @@ def mask2former_runs(
             ]  # fmt: skip
             runs.append(Run("mask2former", method, network, 1.0, seed, steps, run_args))
     return runs
+
+
+def data_root(passthrough: list[str]) -> Path:
+    """The dataset root given on the command line (--data.root or its long form)."""
+    for i, arg in enumerate(passthrough):
+        for option in ("--data.root", "--data.init_args.dataset.init_args.root"):
+            if arg == option and i + 1 < len(passthrough):
+                return Path(passthrough[i + 1])
+            if arg.startswith(option + "="):
+                return Path(arg.split("=", 1)[1])
+    raise SystemExit("study.py: give the CamVid folder with --data.root PATH")
+
+
+def camvid_image_labels(passthrough: list[str], folder: Path) -> Path:
+    """folder/camvid_image_labels.json, {image name: [classes present]} of CamVid's training
+    images, from their masks (DecoupledNet's image-level supervision); written once."""
+    import numpy as np
+    from PIL import Image
+
+    from seglight.data.camvid import CamVid
+
+    path = folder / "camvid_image_labels.json"
+    if path.is_file():
+        return path
+    labels = {}
+    for mask in sorted((data_root(passthrough) / "trainannot").glob("*.png")):
+        values = np.unique(np.asarray(Image.open(mask)))
+        labels[mask.stem] = [CamVid.class_names[v] for v in values if v < len(CamVid.class_names)]
+    if not labels:
+        raise SystemExit(f"study.py: no masks in {data_root(passthrough) / 'trainannot'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(labels, indent=0))
+    return path
 
 
 STUDIES = {"semi": semi_runs, "maskrcnn": maskrcnn_runs, "mask2former": mask2former_runs}
