@@ -102,3 +102,43 @@ def check_state_dict(module: nn.Module, state_dict: dict[str, Any], where: str) 
         f"{where} does not fit {type(module).__name__} with these options: tensors "
         f"{'; '.join(parts)}. Was it trained with another architecture or options?"
     )
+
+
+def network_state(checkpoint: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """The network weights of a seglight model checkpoint (a `load_checkpoint` dict), keyed as in
+    the network: its averaged weights (`ema.module.*`, the weights it was validated with) when it
+    kept an EMA, else `net.*`; torch.compile's `_orig_mod.` dropped.
+
+    Raises:
+        CheckpointError: the checkpoint holds no network weights.
+    """
+    state = checkpoint.get("state_dict")
+    state = state if isinstance(state, dict) else {}
+    found: dict[str, torch.Tensor] = {}
+    for prefix in ("ema.module.", "net."):
+        found = {
+            k[len(prefix) :].replace("_orig_mod.", ""): v
+            for k, v in state.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor)
+        }
+        if found:
+            break
+    if not found:
+        raise CheckpointError(
+            f"{where} holds no network weights (no net.* tensors in its state_dict): is it a "
+            "seglight model checkpoint?"
+        )
+    return found
+
+
+def sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix` ("encoder."), with the prefix dropped."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_network(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy `state` (keys as in the plain module) into `module` (a torch.compile'd one too), after
+    `check_state_dict` has found that it fits: one line naming `where` and what differs if not."""
+    plain = getattr(module, "_orig_mod", module)
+    check_state_dict(plain, state, where)
+    plain.load_state_dict(state)

@@ -15,6 +15,13 @@ are read with no mask path, so their "mask" is all ignore_index (the label contr
 method that reads it by mistake learns nothing from it). They carry "valid", bool [H, W], False
 on the padding added by cropping, so that pseudo-labels are not trained on padding.
 
+With `monitor_unlabeled_masks: true` (off by default; for datasets whose unlabelled images have
+masks, e.g. CamVid), unlabelled samples also carry their real mask as "heldout_mask" (int64
+[H, W], cropped, scaled and flipped with the image; ignore_index where there is none), for the
+methods' pseudo-label monitor (train/pseudo_acc, train/pseudo_mIoU) only: "mask" stays all
+ignore_index and no method's loss reads "heldout_mask". Enabling it reads those masks but does not
+change the images, crops or random draws.
+
 Training batches are {"labeled": batch, "unlabeled": batch} through Lightning's CombinedLoader in
 "max_size_cycle" mode (an epoch is one pass over the larger part, the smaller one cycles).
 Validation, test and predict are the wrapped dataset's, unchanged.
@@ -84,6 +91,16 @@ class SemiDataset(SegmentationDataset):
     ) -> None:
         super().__init__(pairs, base.num_classes, base.transform, base.label_map, base.ignore_index)
         self.image_labels = image_labels
+        # the unlabelled images with their masks, read for "heldout_mask" only (`hold_out`)
+        self.heldout: SegmentationDataset | None = None
+
+    def hold_out(self, masks: dict[Path, Path | None]) -> None:
+        """Give unlabelled samples "heldout_mask": the mask of each image (`masks`: image path ->
+        mask path or None), for the pseudo-label monitor only (see the module docstring)."""
+        pairs = [(image, masks.get(image)) for image, _ in self.pairs]
+        self.heldout = SegmentationDataset(
+            pairs, self.num_classes, self.transform, self.label_map, self.ignore_index
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path = self.pairs[index]
@@ -93,15 +110,23 @@ class SemiDataset(SegmentationDataset):
             labels = presence(mask, self.num_classes)  # of the whole image, before cropping
             image, mask = self.transform(image, mask)
             return {"image": image, "mask": mask, "name": name, "image_labels": labels}
-        image, _ = self.load(index)  # mask path None: an all-ignore mask, no file read
-        # a zero mask through the same transform marks where the crop padded (ignore there)
-        image, inside = self.transform(image, torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        heldout = None
+        if self.heldout is None:
+            image, _ = self.load(index)  # mask path None: an all-ignore mask, no file read
+            # a zero mask through the same transform marks where the crop padded (ignore there)
+            image, inside = self.transform(image, torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        else:  # the real mask rides under the zero one: the same crop, scale and flip
+            image, mask = self.heldout.load(index)
+            image, both = self.transform(image, torch.stack([torch.zeros_like(mask), mask]))
+            inside, heldout = both[0].long(), both[1].long()
         sample = {
             "image": image,
             "mask": torch.full_like(inside, self.ignore_index),
             "name": name,
             "valid": inside != self.ignore_index,
         }
+        if heldout is not None:
+            sample["heldout_mask"] = heldout
         if self.image_labels is not None:
             sample["image_labels"] = self.image_labels[name]
         return sample
@@ -117,6 +142,7 @@ class _Generated(Dataset):
     def __init__(self, subset: Subset, labeled: bool, num_classes: int, ignore_index: int) -> None:
         self.subset, self.labeled = subset, labeled
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.heldout = False  # unlabelled samples carry "heldout_mask" (the monitor's)
 
     def __len__(self) -> int:
         return len(self.subset)
@@ -126,15 +152,23 @@ class _Generated(Dataset):
         if self.labeled:
             sample["image_labels"] = presence(sample["mask"], self.num_classes)
         else:
+            if self.heldout:  # the pseudo-label monitor's copy (SemiSupervised's docstring)
+                sample["heldout_mask"] = sample["mask"].long()
             sample["valid"] = torch.ones(sample["mask"].shape, dtype=torch.bool)
             sample["mask"] = torch.full_like(sample["mask"], self.ignore_index)
         return sample
 
 
 def semi_collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """seglight.data.base.collate, plus "image_labels" stacked [B, K] and "valid" padded with
-    False to the batch's [B, H, W]."""
+    """seglight.data.base.collate, plus "image_labels" stacked [B, K], "valid" padded with
+    False and "heldout_mask" with ignore_index to the batch's [B, H, W]."""
     batch = collate(samples, ignore_index)
+    if "heldout_mask" in samples[0]:
+        heldout = torch.full(batch["mask"].shape, ignore_index, dtype=torch.long)
+        for i, s in enumerate(samples):
+            h, w = s["heldout_mask"].shape
+            heldout[i, :h, :w] = s["heldout_mask"]
+        batch["heldout_mask"] = heldout
     if "image_labels" in samples[0]:
         batch["image_labels"] = torch.stack([s["image_labels"] for s in samples])
     if "valid" in samples[0]:
@@ -168,6 +202,8 @@ class SemiSupervised(SegmentationDataModule):
         unlabeled_batch_size: images per unlabelled batch (default: batch_size).
         image_labels: a JSON file {image name: [class names]} giving image-level labels of the
             unlabelled images (a relative path is looked up beside the dataset's root too).
+        monitor_unlabeled_masks: unlabelled samples carry their real mask as "heldout_mask" for
+            the methods' pseudo-label monitor, never for training (see the module docstring).
         root, batch_size, val_batch_size, num_workers, crop_size: when given, set on the wrapped
             dataset (so `--data.root /path/to/camvid` works as for the dataset itself).
     """
@@ -181,6 +217,7 @@ class SemiSupervised(SegmentationDataModule):
         seed: int = 0,
         unlabeled_batch_size: int | None = None,
         image_labels: str | None = None,
+        monitor_unlabeled_masks: bool = False,
         root: str | None = None,
         batch_size: int | None = None,
         val_batch_size: int | None = None,
@@ -243,6 +280,7 @@ class SemiSupervised(SegmentationDataModule):
         self.seed = seed
         self.unlabeled_batch_size = unlabeled_batch_size or dataset.batch_size
         self.image_labels = image_labels
+        self.monitor_unlabeled_masks = monitor_unlabeled_masks
         self.labeled_names: list[str] = []
 
     # ------------------------------------------------------------------ the wrapped dataset's
@@ -415,6 +453,8 @@ class SemiSupervised(SegmentationDataModule):
             )
             self.datasets["train"] = SemiDataset(full, labelled)
             self.datasets["unlabeled"] = SemiDataset(full, rest, image_labels)
+            if self.monitor_unlabeled_masks:
+                self.datasets["unlabeled"].hold_out(dict(full.pairs))
             self.labeled_names = [p[0].stem for p in labelled]
             self._warn_missing_classes(self.datasets["train"])
         else:  # generated data (Synthetic): no files to keep closed
@@ -430,6 +470,7 @@ class SemiSupervised(SegmentationDataModule):
             k, ignore = self.num_classes, self.ignore_index
             self.datasets["train"] = _Generated(Subset(full, chosen), True, k, ignore)
             self.datasets["unlabeled"] = _Generated(Subset(full, rest), False, k, ignore)
+            self.datasets["unlabeled"].heldout = self.monitor_unlabeled_masks
             self.labeled_names = [full[i]["name"] for i in chosen]
 
     def build_dataset(self, split: str, train: bool) -> Dataset:

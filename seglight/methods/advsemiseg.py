@@ -32,6 +32,15 @@ Deviations: D's "real" batch is the labelled batch's own masks (the released cod
 independently shuffled batch of the same labelled images); any seglight network replaces
 DeepLab-v2 (the paper's); inputs smaller than 32 pixels are upsampled before D (its five stride-2
 convs need 32).
+
+Logged (seglight.methods.base): loss_sup = L_ce + lambda_adv * L_adv (the labelled images' terms),
+loss_unsup = lambda_semi_adv * L_adv (unlabelled) + lambda_semi * L_semi (the paper's split by
+data, Sec. 3.2), each part also unweighted (loss_ce, loss_adv, loss_adv_unlabeled, loss_semi);
+confident = the fraction of valid unlabelled pixels whose target enters L_semi (D's confidence
+>= T_semi; 0 before `semi_start`); d_acc = D's pixel accuracy in its update (sigmoid(D) >= 0.5
+read as "ground truth"), on the predictions it is trained on (fake) and the one-hot labels
+(real), ignored and padding pixels left out; with held-out masks, the argmax of S on the
+unlabelled images (the self-taught targets, before D's gate) against them.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seglight.methods.base import SemiSupervisedModel, logits_of
+from seglight.methods.base import SemiSupervisedModel, fraction, logits_of
 
 
 class FCDiscriminator(nn.Module):
@@ -96,6 +105,15 @@ def masked_bce(
     if logits.numel() == 0:
         return logits.sum()
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def decision_accuracy(
+    d_fake: torch.Tensor, fake_valid: torch.Tensor, d_real: torch.Tensor, real_valid: torch.Tensor
+) -> torch.Tensor:
+    """D's pixel accuracy: maps [B, 1, H, W] of predictions (right when sigmoid < 0.5) and of
+    ground truth (right when sigmoid >= 0.5) over their valid pixels [B, H, W]. No host sync."""
+    right = ((d_fake[:, 0] < 0) & fake_valid).sum() + ((d_real[:, 0] >= 0) & real_valid).sum()
+    return right / (fake_valid.sum() + real_valid.sum()).clamp(min=1)
 
 
 def confident_pseudo_labels(
@@ -167,14 +185,18 @@ class AdvSemiSeg(SemiSupervisedModel):
         loss_adv = masked_bce(self.discriminator(probs), 1.0, valid)
         loss = loss_ce + hp.lambda_adv * loss_adv
         losses = {"loss_ce": loss_ce, "loss_adv": loss_adv}
+        unsup = loss_ce.new_zeros(())  # the unlabelled images' terms as weighted in `loss`
+        monitor = {"loss_sup": loss.detach(), "confident": loss_ce.new_zeros(())}
         probs_u = None
         if hp.lambda_semi > 0 or hp.lambda_semi_adv > 0 or hp.d_on_unlabeled:
             logits_u = logits_of(self.net(self._input(unlabeled)))
             probs_u = logits_u.softmax(1)
             valid_u = unlabeled.get("valid")
+            monitor.update(self.pseudo_label_monitor(logits_u.argmax(1), unlabeled))
             d_u = self.discriminator(probs_u)
             losses["loss_adv_unlabeled"] = masked_bce(d_u, 1.0, valid_u)
             loss = loss + hp.lambda_semi_adv * losses["loss_adv_unlabeled"]
+            unsup = unsup + hp.lambda_semi_adv * losses["loss_adv_unlabeled"].detach()
             if hp.lambda_semi > 0 and self.after(self.hparams.semi_start):
                 pseudo = confident_pseudo_labels(
                     logits_u, d_u, hp.semi_threshold, self.ignore_index
@@ -189,9 +211,12 @@ class AdvSemiSeg(SemiSupervisedModel):
                     else logits_u.sum() * 0.0
                 )
                 loss = loss + hp.lambda_semi * loss_semi
+                unsup = unsup + hp.lambda_semi * loss_semi.detach()
                 losses["loss_semi"] = loss_semi
                 # the share of unlabelled pixels D trusts (the released code prints it)
                 self.log("train/semi_ratio", kept.float().mean(), on_step=True, on_epoch=True)
+                monitor["confident"] = fraction(kept, self.unlabeled_valid(unlabeled))
+        monitor["loss_unsup"] = unsup
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.step_optimizer(opt)
@@ -206,13 +231,15 @@ class AdvSemiSeg(SemiSupervisedModel):
             fake = torch.cat([fake, probs_u.detach()])
             fake_valid = torch.cat([valid, valid_u])
         real = one_hot_labels(mask, self.num_classes, self.ignore_index)
-        loss_d = 0.5 * masked_bce(self.discriminator(fake), 0.0, fake_valid)
-        loss_d = loss_d + 0.5 * masked_bce(self.discriminator(real), 1.0, valid)
+        d_fake, d_real = self.discriminator(fake), self.discriminator(real)
+        loss_d = 0.5 * masked_bce(d_fake, 0.0, fake_valid)
+        loss_d = loss_d + 0.5 * masked_bce(d_real, 1.0, valid)
+        monitor["d_acc"] = decision_accuracy(d_fake.detach(), fake_valid, d_real.detach(), valid)
         d_opt.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         self.step_optimizer(d_opt, counted=False)
         self.untoggle_optimizer(d_opt)
 
         losses["loss_d"] = loss_d
-        self.log_losses(losses, len(mask))
+        self.log_losses({**losses, **monitor}, len(mask))
         return loss

@@ -15,6 +15,21 @@ device (no loader round trip): photometric jitter as UniMatch's strong augmentat
 jitter, grayscale, Gaussian blur), CutMix boxes (Yun et al. 2019; French et al. BMVC 2020 for
 segmentation) and ClassMix masks (Olsson et al. WACV 2021); and the schedules: a sigmoid ramp-up
 (Laine and Aila 2017, used by Mean Teacher) and "switch on after step N" (AdvSemiSeg's L_semi).
+
+What every method records (`log_losses`: per step and as epoch means, so in W&B, the console and
+metrics.json's history), under the same names:
+- train/loss_sup and train/loss_unsup: the network's total split into its terms on the labelled
+  images and the rest (unlabelled or generated images), each weighted as in the total, so that
+  loss_sup + loss_unsup = loss (CPS: its cross term, which in the paper's plain form covers the
+  labelled images too, is loss_unsup);
+- train/confident: the fraction of valid unlabelled pixels that enter the unsupervised loss (over
+  a confidence threshold; 1 for methods without one);
+- train/d_acc (AdvSemiSeg, GANSemiSeg): the discriminator's pixel accuracy on its real / fake
+  decision in the step;
+- train/pseudo_acc and train/pseudo_mIoU, only when the data carries held-out masks of the
+  unlabelled images (`SemiSupervised(monitor_unlabeled_masks=True)`: "heldout_mask", never
+  trained on): the method's hard pseudo-labels (its targets' argmax on every valid unlabelled
+  pixel, before any confidence gate) against them (`pseudo_label_quality`).
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from torch import nn
 
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, adjust_colour
 from seglight.errors import ConfigError
+from seglight.metrics import confusion_counts
 from seglight.models.base import MODELS, PolyWithWarmup, SegmentationModel
 
 NetworkSpec = str | dict[str, Any]
@@ -244,6 +260,44 @@ def sigmoid_rampup(step: int, length: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+# ----------------------------------------------------------------------------- what methods record
+def fraction(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The fraction of the `valid` pixels that are `kept` (bool tensors of one shape); 0 when
+    none is valid. No host sync."""
+    return (kept & valid).sum() / valid.sum().clamp(min=1)
+
+
+def pseudo_label_quality(
+    pseudo: torch.Tensor,
+    heldout: torch.Tensor,
+    valid: torch.Tensor | None,
+    num_classes: int,
+    ignore_index: int = 255,
+) -> dict[str, torch.Tensor]:
+    """{"pseudo_acc", "pseudo_mIoU"} of pseudo-labels int [B, H, W] against held-out masks
+    [B, H, W], over the `valid` pixels (bool [B, H, W]; all when None) whose held-out label is not
+    `ignore_index` (and whose pseudo-label is a class). pseudo_acc is the pixel accuracy;
+    pseudo_mIoU the mean IoU over the classes present in the held-out labels or the
+    pseudo-labels (seglight.metrics' definitions). NaN when no pixel counts. On the device, no
+    host sync (one confusion matrix, seglight.metrics.confusion_counts)."""
+    target = heldout.long()
+    pseudo = pseudo.long()
+    keep = (pseudo >= 0) & (pseudo < num_classes)
+    if valid is not None:
+        keep = keep & valid
+    target = target.masked_fill(~keep, ignore_index)
+    m = confusion_counts(pseudo.clamp(0, num_classes - 1), target, num_classes, ignore_index)
+    m = m.double()
+    hits = m.diagonal()
+    union = m.sum(0) + m.sum(1) - hits
+    present = union > 0
+    iou = hits / union.clamp(min=1)
+    return {
+        "pseudo_acc": (hits.sum() / m.sum()).float(),  # 0 / 0: NaN
+        "pseudo_mIoU": ((iou * present).sum() / present.sum()).float(),
+    }
+
+
 # ----------------------------------------------------------------------------- the base method
 class SemiSupervisedModel(SegmentationModel):
     """Base of the semi- and weakly supervised methods (see the module docstring).
@@ -289,8 +343,33 @@ class SemiSupervisedModel(SegmentationModel):
         counter is Lightning's global_step, restored on resume."""
         return self.global_step >= step
 
+    def unlabeled_valid(self, unlabeled: dict) -> torch.Tensor:
+        """The unlabelled batch's "valid" pixels (bool [B, H, W]; all when it has none)."""
+        valid = unlabeled.get("valid")
+        if valid is None:
+            valid = torch.ones_like(unlabeled["mask"], dtype=torch.bool)
+        return valid
+
+    def pseudo_label_monitor(self, pseudo: torch.Tensor, unlabeled: dict) -> dict:
+        """The pseudo-label monitor's values (`pseudo_label_quality` of `pseudo`, the method's
+        hard pseudo-labels int [B, H, W] of the unlabelled batch, against its "heldout_mask", on
+        its valid pixels) when the batch carries held-out masks, else {}. Only the monitor reads
+        "heldout_mask": no loss does."""
+        heldout = unlabeled.get("heldout_mask")
+        if heldout is None:
+            return {}
+        with torch.no_grad():
+            return pseudo_label_quality(
+                pseudo.detach(),
+                heldout,
+                self.unlabeled_valid(unlabeled),
+                self.num_classes,
+                self.ignore_index,
+            )
+
     def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Log train/<name> for each loss term (train/loss is the total), per step and epoch."""
+        """Log train/<name> for each loss term and recorded value (train/loss is the total; see
+        the module docstring for the names every method shares), per step and epoch."""
         for name, value in losses.items():
             key = "train/loss" if name == "loss" else f"train/{name}"
             self.log(key, value.detach(), on_step=True, on_epoch=True, batch_size=batch_size)

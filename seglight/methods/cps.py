@@ -27,20 +27,35 @@ networks' first pseudo-labels are one or two classes everywhere, and a constant 
 (on labelled and unlabelled images, against the supervised term on the labelled ones) makes them
 agree on those instead of learning the labels: on CamVid at 1/8 labels, 160 steps from scratch,
 both collapsed to ~4% mIoU (README, Results).
+
+A warm start (`init_from`, seglight.models.base): `net` takes the checkpoint's network; `net2`
+its encoder only (`init_net2: encoder`), keeping its own random decoder, as the paper's two
+networks share the ImageNet backbone and differ in their randomly initialised heads (their Sec.
+3.1 and TorchSemiSeg's init_weight); `init_net2: all` copies the whole network into both, which
+then start identical, and, seeing the same batches, stay so up to floating-point noise: each
+trains on its own argmax (self-training), not on a different network's.
+
+Logged (seglight.methods.base): loss_sup (both networks'), loss_unsup = lambda (ramped) times the
+cross term (loss_cps, unweighted), confident = 1 (every valid pixel has a pseudo-label), and,
+with held-out masks, the pseudo-labels `net` is trained on (net2's argmax on the unlabelled
+images, before any CutMix) against them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seglight.checkpoints import load_network, sub_state
+from seglight.errors import ConfigError
 from seglight.methods.base import (
     NetworkSpec,
     SemiSupervisedModel,
     cutmix_boxes,
+    fraction,
     logits_of,
     mix,
     sigmoid_rampup,
@@ -58,6 +73,8 @@ class CPS(SemiSupervisedModel):
         cutmix: the CutMix variant (CPS + CutMix).
         cutmix_p: probability of a CutMix box per image in that variant.
         rampup_steps: optimiser steps of a sigmoid ramp-up of lambda (0: constant, the paper).
+        init_net2: with `init_from`, what net2 takes from the checkpoint: "encoder" (its
+            `net.encoder`, the decoder stays random) or "all" (see the module docstring).
         **kwargs: see SegmentationModel.
     """
 
@@ -68,8 +85,11 @@ class CPS(SemiSupervisedModel):
         cutmix: bool = False,
         cutmix_p: float = 1.0,
         rampup_steps: int = 0,
+        init_net2: Literal["encoder", "all"] = "encoder",
         **kwargs: Any,
     ) -> None:
+        if init_net2 not in ("encoder", "all"):
+            raise ConfigError(f"CPS: init_net2 must be 'encoder' or 'all', got {init_net2!r}")
         super().__init__(network=network, **kwargs)
         self.net2 = self.build_network()  # a second draw of the initial weights
         self.cps_weight = cps_weight if cps_weight is not None else (1.0 if cutmix else 1.5)
@@ -79,6 +99,21 @@ class CPS(SemiSupervisedModel):
 
     def networks(self) -> list[nn.Module]:
         return [self.net, self.net2]
+
+    def init_networks(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """`init_from`: net from the checkpoint's network, net2 from it or its encoder only
+        (`init_net2`)."""
+        super().init_networks(state, where)
+        if self.hparams.init_net2 == "all":
+            load_network(self.net2, state, where)
+            return
+        encoder = getattr(getattr(self.net2, "_orig_mod", self.net2), "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            raise ConfigError(
+                f"CPS: init_net2: encoder needs a network with an `encoder` module "
+                f"({type(self.net2).__name__} has none); use init_net2: all"
+            )
+        load_network(encoder, sub_state(state, "encoder."), f"{where} (its encoder)")
 
     def _pseudo(self, logits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         labels = logits.detach().argmax(1)
@@ -95,6 +130,7 @@ class CPS(SemiSupervisedModel):
             perm = torch.roll(torch.arange(len(u), device=u.device), 1)
             with torch.no_grad():  # the pseudo-labels of the two source images, then mixed
                 t1, t2 = logits_of(self.net(u)), logits_of(self.net2(u))
+            pseudo_u = t2  # net2's prediction: net's targets
             mixed_valid = mix(boxes, valid[perm], valid)
             target1 = self._pseudo(mix(boxes, t1[perm], t1), mixed_valid)
             target2 = self._pseudo(mix(boxes, t2[perm], t2), mixed_valid)
@@ -102,6 +138,7 @@ class CPS(SemiSupervisedModel):
             p1, p2 = logits_of(self.net(u_mix)), logits_of(self.net2(u_mix))
         else:
             u1, u2 = logits_of(self.net(u)), logits_of(self.net2(u))
+            pseudo_u = u2.detach()  # net2's prediction: net's targets
             if x.shape[-2:] == u.shape[-2:]:  # the paper: labelled and unlabelled together
                 p1 = torch.cat([logits_of(out1), u1])
                 p2 = torch.cat([logits_of(out2), u2])
@@ -113,6 +150,16 @@ class CPS(SemiSupervisedModel):
         cps = F.cross_entropy(p1, target2, **ce) + F.cross_entropy(p2, target1, **ce)
         weight = self.cps_weight * sigmoid_rampup(self.global_step, self.rampup_steps)
         loss = sup + weight * cps
-        self.log_losses({"loss": loss, "loss_sup": sup, "loss_cps": cps}, len(x))
+        self.log_losses(
+            {
+                "loss": loss,
+                "loss_sup": sup,
+                "loss_unsup": weight * cps,
+                "loss_cps": cps,
+                "confident": fraction(valid, valid),
+                **self.pseudo_label_monitor(pseudo_u.argmax(1), unlabeled),
+            },
+            len(x),
+        )
         self.log("train/cps_weight", weight, on_step=True, on_epoch=False)
         return loss

@@ -15,19 +15,34 @@ CutMix p 0.5 with box area 2-40% and aspect 0.3-3.3; labelled and weak unlabelle
 forward pass (train mode), the weak prediction detached. Deviation: UniMatch takes the CutMix
 source from a second unlabelled loader and predicts its pseudo-labels in eval mode; here the
 source is another image of the same batch (rolled by one), whose weak prediction is at hand.
+
+Option (not in FixMatch or UniMatch, whose threshold is 0.95 throughout): `threshold_schedule:
+{start: 0.7, steps: N}` raises the threshold linearly from `start` to `end` (default `threshold`)
+over the first N optimiser steps, then keeps it; logged as train/threshold. A remedy for a
+network too weak for 0.95 (from random weights on CamVid no pixel reaches it, README, Results):
+the simplest form of the curriculum thresholds of FlexMatch (Zhang et al., NeurIPS 2021: low
+thresholds while a class is poorly learnt, rising to the fixed one) and Dash (Xu et al., ICML
+2021: a selection that tightens as training goes on); neither is reproduced.
+
+Logged (seglight.methods.base): loss_sup = L_sup / 2, loss_unsup = unsup_weight * L_unsup / 2,
+confident = the fraction of valid pixels of the (mixed) strong view at or over the threshold,
+and, with held-out masks, the weak view's argmax (the pseudo-labels, before mixing) against them.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from seglight.errors import ConfigError
 from seglight.methods.base import (
     NetworkSpec,
     SemiSupervisedModel,
     cutmix_boxes,
+    fraction,
     logits_of,
     mix,
 )
@@ -52,6 +67,9 @@ class FixMatch(SemiSupervisedModel):
         unsup_weight: weight of the unlabelled loss (1; the total is halved as in UniMatch).
         cutmix_p: probability of a CutMix box per image (0.5).
         jitter_p: probability of colour jitter per image in the strong view (0.8).
+        threshold_schedule: {start, steps, end (default: threshold)}: a linear ramp of the
+            threshold from `start` to `end` over the first `steps` optimiser steps (a remedy, not
+            the paper's; see the module docstring); null: `threshold` throughout.
         **kwargs: see SegmentationModel.
     """
 
@@ -62,6 +80,7 @@ class FixMatch(SemiSupervisedModel):
         unsup_weight: float = 1.0,
         cutmix_p: float = 0.5,
         jitter_p: float = 0.8,
+        threshold_schedule: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(network=network, **kwargs)
@@ -69,6 +88,15 @@ class FixMatch(SemiSupervisedModel):
         self.unsup_weight = unsup_weight
         self.cutmix_p = cutmix_p
         self.jitter_p = jitter_p
+        self.schedule = threshold_ramp(threshold_schedule, threshold)
+
+    def current_threshold(self) -> float:
+        """The confidence threshold of this step: `threshold`, or the ramp's value at
+        global_step (restored on resume)."""
+        if self.schedule is None:
+            return self.threshold
+        start, end, steps = self.schedule
+        return start + (end - start) * min(max(self.global_step, 0), steps) / steps
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labeled, unlabeled = self.split_batch(batch)
@@ -83,6 +111,7 @@ class FixMatch(SemiSupervisedModel):
 
         conf, pseudo = pred_w.detach().softmax(1).max(1)  # [B, H, W]
         valid = unlabeled["valid"]
+        monitor = self.pseudo_label_monitor(pseudo, unlabeled)  # {} without held-out masks
         boxes = cutmix_boxes(len(weak), tuple(weak.shape[-2:]), weak.device, self.cutmix_p)
         perm = torch.roll(torch.arange(len(weak), device=weak.device), 1)
         strong = self.strong_view(weak, p=self.jitter_p)
@@ -91,16 +120,50 @@ class FixMatch(SemiSupervisedModel):
 
         pred_s = logits_of(self.net(strong))
         per_pixel = F.cross_entropy(pred_s, pseudo, reduction="none")
-        confident = (conf >= self.threshold) & valid
+        threshold = self.current_threshold()
+        confident = (conf >= threshold) & valid
         unsup = (per_pixel * confident).sum() / valid.sum().clamp(min=1)
         loss = (sup + self.unsup_weight * unsup) / 2
         self.log_losses(
             {
                 "loss": loss,
-                "loss_sup": sup,
-                "loss_unsup": unsup,
-                "confident": confident.sum() / valid.sum().clamp(min=1),
+                "loss_sup": sup / 2,
+                "loss_unsup": self.unsup_weight * unsup / 2,
+                "confident": fraction(confident, valid),
+                **monitor,
             },
             len(x),
         )
+        if self.schedule is not None:
+            self.log("train/threshold", threshold, on_step=True, on_epoch=False)
         return loss
+
+
+def threshold_ramp(
+    schedule: dict[str, float] | None, threshold: float
+) -> tuple[float, float, int] | None:
+    """(start, end, steps) of a `threshold_schedule` option ({start, steps, end}; end defaults to
+    `threshold`), checked; None for none."""
+    if schedule is None:
+        return None
+    if not isinstance(schedule, dict) or not {"start", "steps"} <= set(schedule):
+        raise ConfigError(
+            f"FixMatch: threshold_schedule must be {{start, steps}} or {{start, end, steps}} "
+            f"(a linear ramp of the threshold), got {schedule!r}"
+        )
+    unknown = sorted(set(schedule) - {"start", "end", "steps"})
+    if unknown:
+        raise ConfigError(
+            f"FixMatch: threshold_schedule has unknown key(s) {', '.join(unknown)}; "
+            "known: start, end, steps"
+        )
+    try:
+        start, end, steps = (float(schedule.get(k, threshold)) for k in ("start", "end", "steps"))
+    except (TypeError, ValueError):
+        start = end = steps = math.nan  # not numbers: the error below
+    if not (steps >= 1 and steps.is_integer() and 0 <= start <= 1 and 0 <= end <= 1):
+        raise ConfigError(
+            f"FixMatch: threshold_schedule needs start and end in [0, 1] and steps a whole "
+            f"number >= 1, got {schedule!r}"
+        )
+    return start, end, int(steps)

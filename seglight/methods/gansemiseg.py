@@ -28,6 +28,17 @@ Deviations: the labelled loss is the K-way cross-entropy (the paper's K+1-way on
 only by the fake channel's share of the softmax); generated images are normalised with their own batch statistics by the network's
 BatchNorm layers but do not enter the running statistics used at evaluation (they would pull
 them towards G's images); the paper does not say.
+
+Logged (seglight.methods.base): loss_sup = the labelled cross-entropy (also loss_ce), loss_unsup =
+lambda_unlabeled * loss_real + lambda_fake * loss_fake (the unlabelled and generated images'
+terms); confident = 1 (every valid unlabelled pixel enters); d_acc = the network's pixel accuracy
+as the discriminator in its update: unlabelled pixels called real (p_fake < 0.5) and generated
+ones called fake; with held-out masks, the argmax of its K class channels on the unlabelled
+images (its classification of them; the method has no pseudo-labels) against them.
+
+A warm start (`init_from`) from a supervised checkpoint of the same architecture, whose network
+has K output channels: its class channels are copied and the "fake" channel keeps its
+initialisation (`init_networks`).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import torch
 from torch import nn
 
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from seglight.methods.base import SemiSupervisedModel, build_network, logits_of
+from seglight.methods.base import SemiSupervisedModel, build_network, fraction, logits_of
 from seglight.nn import resize_to
 
 
@@ -133,6 +144,12 @@ def real_fake_losses(
     return as_real.mean(), as_fake.mean()
 
 
+def called_fake(logits: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, W]: where logits [B, K + 1, H, W] give p_fake > 0.5 (the fake channel's logit
+    over the logsumexp of the K class channels)."""
+    return logits[:, -1] > torch.logsumexp(logits[:, :-1], 1)
+
+
 def class_channels(output: torch.Tensor | dict, k: int) -> torch.Tensor | dict:
     """The first k channels of a network's output (a tensor, or {"out", "aux"} in training)."""
     if not isinstance(output, dict):
@@ -179,6 +196,22 @@ class GANSemiSeg(SemiSupervisedModel):
         """The network with K + 1 output channels: the data's classes and "fake"."""
         return build_network(self.network_spec, self.num_classes + 1, self.in_channels)
 
+    def init_networks(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """`init_from`: a network with K output channels (a supervised checkpoint) fills the K
+        class channels of this one's K + 1 (tensors one longer along one dimension, as the
+        classifiers' weights and biases); the "fake" channel keeps its initialisation."""
+        k, ours = self.num_classes, getattr(self.net, "_orig_mod", self.net).state_dict()
+        state = dict(state)
+        for key, value in state.items():
+            mine = ours.get(key)
+            if mine is None or mine.dim() != value.dim():
+                continue
+            grown = [d for d in range(mine.dim()) if (value.shape[d], mine.shape[d]) == (k, k + 1)]
+            same = [d for d in range(mine.dim()) if value.shape[d] == mine.shape[d]]
+            if len(grown) == 1 and len(same) == mine.dim() - 1:
+                state[key] = torch.cat([value, mine.narrow(grown[0], k, 1).cpu()], grown[0])
+        super().init_networks(state, where)
+
     def configure_optimizers(self) -> list[dict]:
         hp = self.hparams
         g_opt = torch.optim.Adam(self.generator.parameters(), lr=hp.g_lr, betas=tuple(hp.g_betas))
@@ -193,14 +226,24 @@ class GANSemiSeg(SemiSupervisedModel):
         # ---- the segmentation network (the discriminator): K classes, real, fake
         self.toggle_optimizer(opt)
         loss_ce = self.compute_loss(self.net(self._input(labeled)), labeled["mask"])
-        loss_real, _ = real_fake_losses(
-            logits_of(self.net(self._input(unlabeled))), unlabeled.get("valid")
-        )
+        logits_u = logits_of(self.net(self._input(unlabeled)))
+        loss_real, _ = real_fake_losses(logits_u, unlabeled.get("valid"))
         with torch.no_grad():
             fake_images = self.generate(n_fake, size)
         with frozen_norm_statistics(self.net):
-            _, loss_fake = real_fake_losses(logits_of(self.net(fake_images)))
+            logits_fake = logits_of(self.net(fake_images))
+            _, loss_fake = real_fake_losses(logits_fake)
         loss = loss_ce + hp.lambda_unlabeled * loss_real + hp.lambda_fake * loss_fake
+        valid = self.unlabeled_valid(unlabeled)
+        with torch.no_grad():
+            right = (~called_fake(logits_u) & valid).sum() + called_fake(logits_fake).sum()
+            monitor = {
+                "loss_sup": loss_ce.detach(),
+                "loss_unsup": (hp.lambda_unlabeled * loss_real + hp.lambda_fake * loss_fake),
+                "confident": fraction(valid, valid),
+                "d_acc": right / (valid.sum() + logits_fake[:, 0].numel()).clamp(min=1),
+                **self.pseudo_label_monitor(logits_u[:, : self.num_classes].argmax(1), unlabeled),
+            }
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.step_optimizer(opt)
@@ -223,6 +266,7 @@ class GANSemiSeg(SemiSupervisedModel):
                 "loss_real": loss_real,
                 "loss_fake": loss_fake,
                 "loss_g": loss_g,
+                **monitor,
             },
             len(labeled["mask"]),
         )

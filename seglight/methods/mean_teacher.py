@@ -18,6 +18,10 @@ instead of the paper's min(d, 1 - 1/(n + 1)) (both follow the student closely at
 teacher runs in eval mode (no dropout noise on the teacher, common in segmentation ports);
 consistency is applied to unlabelled images only, and the student and teacher see the same
 geometric view (pixel correspondence), differing in colour.
+
+Logged (seglight.methods.base): loss_sup, loss_unsup = the ramped weight times the consistency
+cost (loss_consistency, unweighted), confident = 1 (no threshold: every valid pixel enters), and,
+with held-out masks, the teacher's argmax against them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from typing import Any
 import torch
 
 from seglight.errors import ConfigError
-from seglight.methods.base import NetworkSpec, SemiSupervisedModel, logits_of, sigmoid_rampup
+from seglight.methods.base import (
+    NetworkSpec,
+    SemiSupervisedModel,
+    fraction,
+    logits_of,
+    sigmoid_rampup,
+)
 
 
 class MeanTeacher(SemiSupervisedModel):
@@ -92,7 +102,15 @@ class MeanTeacher(SemiSupervisedModel):
         weight = self.consistency_weight * sigmoid_rampup(self.global_step, self.rampup_steps)
         loss = sup + weight * consistency
         self.log_losses(
-            {"loss": loss, "loss_sup": sup, "loss_consistency": consistency}, len(image)
+            {
+                "loss": loss,
+                "loss_sup": sup,
+                "loss_unsup": weight * consistency,
+                "loss_consistency": consistency,
+                "confident": fraction(valid, valid),
+                **self.pseudo_label_monitor(teacher.argmax(1), unlabeled),
+            },
+            len(image),
         )
         self.log("train/ema_decay", self.ema.decay, on_step=True, on_epoch=False)
         return loss

@@ -80,6 +80,19 @@ def fused_option(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if supported else {}
 
 
+def _trained_model(hparams: dict[str, Any]) -> str:
+    """ " (LinkNet)" or " (FixMatch, network UNet)": what a checkpoint's hyper-parameters say it
+    trained, for errors; "" when they do not say."""
+    names = []
+    for key, label in (("_class_path", ""), ("network", "network ")):
+        value = hparams.get(key)
+        if isinstance(value, dict):
+            value = value.get("class_path")
+        if isinstance(value, str) and value:
+            names.append(label + value.rsplit(".", 1)[-1])
+    return f" ({', '.join(names)})" if names else ""
+
+
 class SegmentationModel(L.LightningModule):
     """Base class of every seglight architecture.
 
@@ -114,6 +127,13 @@ class SegmentationModel(L.LightningModule):
             conv), crf_options, during_fit (apply to fit's validation too).
         channels_last: use the channels_last memory format on CUDA (faster convolutions).
         compile: torch.compile the network.
+        init_from: a seglight checkpoint to start training from (a warm start, e.g. a
+            semi-supervised method from a supervised run of the same architecture on the
+            labelled images): when `fit` starts, the network takes its network weights (its
+            averaged ones if it kept an EMA; `init_networks` says where they go), read with the
+            safe loader (seglight.checkpoints); nothing else (optimiser, step, a discriminator)
+            is taken. Ignored when resuming (`--ckpt_path` restores the run's own weights, and the
+            file is not read) and by validate / test / predict.
     """
 
     #: short name -> class of every architecture (filled by subclassing)
@@ -157,6 +177,7 @@ class SegmentationModel(L.LightningModule):
         inference: InferenceConfig | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -357,6 +378,46 @@ class SegmentationModel(L.LightningModule):
         Console().print(table)
 
     # ----------------------------------------------------------------------------- checkpoints
+    def on_fit_start(self) -> None:
+        # after Lightning restored a `--ckpt_path` (trainer.ckpt_path is then set: the run's own
+        # weights win) and before the first step; once per model object (a second fit goes on)
+        path = self.hparams.get("init_from")
+        if path and not self.trainer.ckpt_path and getattr(self, "_init_from_done", None) is None:
+            self.initialise_from(path)
+            self._init_from_done = path
+
+    def initialise_from(self, path: str) -> None:
+        """Load the network weights of the seglight checkpoint `path` (`init_from`) through
+        `init_networks`; an EMA (Mean Teacher's teacher) restarts from them too. Raises
+        CheckpointError (one line naming the file) when the file is not a seglight checkpoint, or
+        was trained for other classes or with another network."""
+        from seglight.checkpoints import load_checkpoint, network_state
+        from seglight.errors import CheckpointError
+
+        where = f"init_from {str(path)!r}"
+        checkpoint = load_checkpoint(path, "init_from")
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = hparams.get("num_classes")
+        if saved is not None and saved != self.num_classes:
+            raise CheckpointError(
+                f"{where} was trained for {saved} classes but this model has {self.num_classes} "
+                f"({', '.join(self.class_names)}): use a checkpoint trained on this dataset"
+            )
+        trained = _trained_model(hparams)
+        self.init_networks(network_state(checkpoint, where), where + trained)
+        if self.ema is not None:  # the average (a teacher) starts from the same weights
+            net = getattr(self.net, "_orig_mod", self.net)
+            self.ema.module.load_state_dict(net.state_dict())
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(f"seglight: network weights from {where}{trained}", file=sys.stderr)
+
+    def init_networks(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Copy an `init_from` checkpoint's network weights (keys as in `net`) into the model's
+        networks: `net`; methods with more (CPS) or other (GANSemiSeg) networks override it."""
+        from seglight.checkpoints import load_network
+
+        load_network(self.net, state, where)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
         if saved is not None and saved != self.num_classes:
