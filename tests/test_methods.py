@@ -19,16 +19,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import seglight
 from seglight.cli import run
 from seglight.data import CamVid, SemiSupervised
-from seglight.errors import ConfigError
+from seglight.errors import CheckpointError, ConfigError
 from seglight.methods import CPS, FixMatch, MeanTeacher, SemiSupervisedModel, build_network
 from seglight.methods.base import (
     classmix_masks,
     cutmix_boxes,
     mix,
     photometric_jitter,
+    pseudo_label_quality,
     sigmoid_rampup,
 )
-from seglight.models import MODELS, UNetNetwork
+from seglight.models import MODELS, LinkNet, UNet, UNetNetwork
 
 TINY = {
     "class_path": "seglight.models.UNet",
@@ -53,11 +54,12 @@ def camvid(tmp_path_factory) -> Path:
     return root
 
 
-def data(root: Path) -> SemiSupervised:
-    return SemiSupervised(
+def data(root: Path, cls: type[SemiSupervised] = SemiSupervised, **kwargs) -> SemiSupervised:
+    return cls(
         CamVid(root=str(root), crop_size=(32, 32), batch_size=2, num_workers=0),
         labeled=2,
         image_labels="image_labels.json",
+        **kwargs,
     )
 
 
@@ -220,6 +222,251 @@ def test_cps_networks_differ_and_both_encoders_take_the_lr_multiplier():
     for net in (model.net, model.net2):
         assert {id(p) for p in net.encoder.parameters()} <= slow
         assert not {id(p) for p in net.decoder.parameters()} & slow
+
+
+# ----------------------------------------------------------------------------- what methods record
+class GarbageHeldOut(SemiSupervised):
+    """Held-out masks replaced by random classes (from a generator of their own, so that no other
+    draw changes)."""
+
+    def collate_fn(self):
+        collate, draws = super().collate_fn(), torch.Generator().manual_seed(1)
+
+        def garbage(samples):
+            batch = collate(samples)
+            if "heldout_mask" in batch:
+                shape = batch["heldout_mask"].shape
+                batch["heldout_mask"] = torch.randint(0, 11, shape, generator=draws)
+            return batch
+
+        return garbage
+
+
+# every unlabelled term on from the first step (every pixel over the thresholds)
+ALL_ON = {
+    "FixMatch": {"threshold": 0.0},
+    "MeanTeacher": {"rampup_steps": 0},
+    "AdvSemiSeg": {"semi_start": 0, "semi_threshold": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_records_the_same_names_and_never_trains_on_held_out_masks(
+    name, camvid, tmp_path
+):
+    """The shared names (loss_sup + loss_unsup = loss, confident, d_acc for the adversarial
+    methods, the monitor's pseudo_acc / pseudo_mIoU with held-out masks only); a run whose
+    held-out masks are garbage trains exactly as one without them."""
+    runs = {}
+    for monitor in (False, True):
+        L.seed_everything(0)
+        model = method(name, **ALL_ON.get(name, {}))
+        fit = trainer(tmp_path / str(monitor), 1)
+        semi = (
+            data(camvid, GarbageHeldOut, monitor_unlabeled_masks=True) if monitor else data(camvid)
+        )
+        fit.fit(model, semi)
+        runs[monitor] = model.state_dict(), dict(fit.callback_metrics)
+    (off, off_logged), (on, logged) = runs[False], runs[True]
+    assert not [k for k in off if not torch.equal(off[k], on[k])]
+    value = {  # the last step's
+        k.removeprefix("train/").removesuffix("_step"): float(v)
+        for k, v in logged.items()
+        if k.endswith("_step")
+    }
+    assert value["loss_sup"] + value["loss_unsup"] == pytest.approx(value["loss"], rel=1e-5)
+    assert value["confident"] == 1.0  # no threshold, or one that every pixel passes
+    assert 0 <= value["pseudo_acc"] <= 1
+    assert 0 <= value["pseudo_mIoU"] <= 1
+    assert ("d_acc" in value) is (name in ("AdvSemiSeg", "GANSemiSeg"))
+    assert "train/pseudo_acc_step" not in off_logged and "train/pseudo_mIoU" not in off_logged
+    assert "train/loss_unsup_epoch" in off_logged  # epoch means too
+    assert "train/threshold" not in logged  # FixMatch: no schedule by default
+
+
+def test_pseudo_label_quality_on_a_crafted_batch():
+    pseudo = torch.tensor([[[0, 1, 1], [2, 2, 0]]])
+    heldout = torch.tensor([[[0, 1, 2], [2, 255, 1]]])
+    valid = torch.tensor([[[True, True, True], [True, True, False]]])
+    # counted: 4 pixels, 3 right; IoU 0: 1/1, 1: 1/2, 2: 1/2 (class 3 absent: left out)
+    got = pseudo_label_quality(pseudo, heldout, valid, num_classes=4)
+    assert got["pseudo_acc"].item() == pytest.approx(0.75)
+    assert got["pseudo_mIoU"].item() == pytest.approx(2 / 3)
+    no_label = pseudo_label_quality(pseudo.masked_fill(pseudo == 1, 255), heldout, None, 4)
+    assert no_label["pseudo_acc"].item() == pytest.approx(2 / 3)  # pixels without one: left out
+    nothing = pseudo_label_quality(pseudo, torch.full_like(heldout, 255), valid, 4)
+    assert nothing["pseudo_acc"].isnan() and nothing["pseudo_mIoU"].isnan()
+
+
+class Classes(torch.nn.Module):
+    """A network whose logits pick the class written in the image's first channel."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.k, self.scale = num_classes, torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        labels = image[:, 0].round().long().clamp(0, self.k - 1)
+        return torch.nn.functional.one_hot(labels, self.k).permute(0, 3, 1, 2) * self.scale
+
+
+def test_fixmatch_monitors_its_weak_view_pseudo_labels_exactly():
+    model = FixMatch(num_classes=4, network=TINY, threshold=0.0)
+    model.net = Classes(4)
+    pseudo = torch.tensor([[[0, 1, 1], [2, 2, 0]], [[3, 3, 3], [3, 3, 3]]])
+    heldout = torch.tensor([[[0, 1, 2], [2, 255, 1]], [[3, 0, 3], [255, 255, 255]]])
+    valid = torch.ones(2, 2, 3, dtype=torch.bool)
+    unlabeled = {
+        "image": pseudo[:, None].float().expand(-1, 3, -1, -1),
+        "mask": torch.full_like(pseudo, 255),
+        "valid": valid,
+        "heldout_mask": heldout,
+    }
+    labeled = {"image": torch.zeros(1, 3, 2, 3), "mask": torch.zeros(1, 2, 3, dtype=torch.long)}
+    logged = {}
+    model.log_losses = lambda losses, n: logged.update(losses)
+    torch.manual_seed(0)
+    loss = model.training_step({"labeled": labeled, "unlabeled": unlabeled}, 0)
+    expected = pseudo_label_quality(pseudo, heldout, valid, 4)
+    for key in ("pseudo_acc", "pseudo_mIoU"):
+        assert logged[key].item() == pytest.approx(expected[key].item())
+    assert logged["pseudo_acc"].item() == pytest.approx(5 / 8)  # 8 labelled pixels, 5 right
+    garbage = {**unlabeled, "heldout_mask": torch.randint(0, 4, heldout.shape)}
+    torch.manual_seed(0)  # garbage held-out masks: the same loss
+    assert torch.equal(model.training_step({"labeled": labeled, "unlabeled": garbage}, 0), loss)
+    del unlabeled["heldout_mask"]  # without them, no monitor
+    logged.clear()
+    model.training_step({"labeled": labeled, "unlabeled": unlabeled}, 0)
+    assert "pseudo_acc" not in logged and "confident" in logged
+
+
+def test_fixmatch_threshold_schedule(camvid, tmp_path):
+    assert FixMatch(num_classes=11, network=TINY).current_threshold() == 0.95  # the paper's
+    model = FixMatch(num_classes=11, network=TINY, threshold_schedule={"start": 0.5, "steps": 4})
+    assert model.current_threshold() == 0.5
+    trainer(tmp_path, 3).fit(model, data(camvid))
+    assert trainer_metric(model, "train/threshold") == pytest.approx(0.5 + 0.45 * 2 / 4)  # step 2
+    ramp = FixMatch(num_classes=11, threshold_schedule={"start": 0.9, "end": 0.6, "steps": 2.0})
+    assert ramp.schedule == (0.9, 0.6, 2)
+    for bad in ({"start": 0.5}, {"start": 2, "steps": 3}, {"start": 0.5, "steps": 0},
+                {"start": 0.5, "steps": 2.5}, {"start": "low", "steps": 3}, 0.5):  # fmt: skip
+        with pytest.raises(ConfigError, match="FixMatch: threshold_schedule"):
+            FixMatch(num_classes=3, network=TINY, threshold_schedule=bad)
+    with pytest.raises(ConfigError, match="unknown key"):
+        FixMatch(num_classes=3, network=TINY, threshold_schedule={"start": 0.5, "steps": 2, "x": 1})
+
+
+# ----------------------------------------------------------------------------- warm start
+def tiny_unet(num_classes: int = 11, **kwargs) -> UNet:
+    return UNet(num_classes=num_classes, encoder="original", base_channels=4, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def supervised(camvid, tmp_path_factory) -> Path:
+    """A supervised run's checkpoint (the tiny U-Net on the labelled images, 1 step)."""
+    torch.manual_seed(0)
+    fit = trainer(tmp_path_factory.mktemp("supervised"), 1, enable_checkpointing=False)
+    fit.fit(tiny_unet(), data(camvid))
+    path = Path(fit.default_root_dir) / "supervised.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
+def net_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def same(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    state = module.state_dict()
+    return state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_init_from_a_supervised_checkpoint_warm_starts_every_method(name, supervised):
+    weights = net_weights(supervised)
+    torch.manual_seed(1)
+    model = method(name, init_from=str(supervised))
+    model._ensure_ema()  # as configure_model does (Mean Teacher's teacher)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.initialise_from(str(supervised))
+    state = model.state_dict()
+    if name == "GANSemiSeg":  # K class channels from the checkpoint, "fake" kept
+        grown = [k for k, v in weights.items() if state[f"net.{k}"].shape != v.shape]
+        assert grown  # the classifier's weight and bias
+        for key, value in weights.items():
+            mine, n = state[f"net.{key}"], value.shape[0] if value.dim() else 0
+            assert torch.equal(mine[:n], value) if n else torch.equal(mine, value)
+            assert torch.equal(mine[n:], before[f"net.{key}"][n:]) if n else True
+    else:
+        assert same(model.net, weights)
+    if model.ema is not None:
+        assert same(model.ema.module, weights)  # Mean Teacher's teacher too
+    if name == "CPS":  # net2: the checkpoint's encoder, its own decoder
+        encoder = {k.removeprefix("encoder."): v for k, v in weights.items() if "encoder." in k}
+        assert encoder and same(model.net2.encoder, encoder)
+        assert not same(model.net2, weights)
+        both = CPS(num_classes=11, network=TINY, init_net2="all")
+        both.initialise_from(str(supervised))
+        assert same(both.net2, weights)
+    for key in (k for k in before if k.split(".")[0] in ("discriminator", "generator")):
+        assert torch.equal(state[key], before[key])  # the second player starts fresh
+
+
+def test_init_from_happens_when_fit_starts_and_never_over_a_resumed_run(
+    camvid, supervised, tmp_path
+):
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(supervised.read_bytes())
+    seen = {}
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen[trainer.global_step] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    first = trainer(tmp_path / "a", 2, callbacks=[Record()])
+    first.fit(method("FixMatch", init_from=str(start)), data(camvid))
+    assert same_prefix(seen[0], "net.", net_weights(supervised))
+    ckpt = tmp_path / "step2.ckpt"
+    first.save_checkpoint(ckpt)
+    start.unlink()  # resuming must not read it (nor load it over the run's weights)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    second = trainer(tmp_path / "b", 3, callbacks=[Record()])
+    second.fit(method("FixMatch", init_from=str(start)), data(camvid), ckpt_path=str(ckpt))
+    assert all(torch.equal(seen[2][k], v) for k, v in saved.items())
+
+
+def same_prefix(state: dict, prefix: str, weights: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(state[prefix + k], v) for k, v in weights.items())
+
+
+def test_init_from_plain_networks_and_clear_mismatches(supervised, tmp_path):
+    plain = tiny_unet(ema_decay=0.9)
+    plain._ensure_ema()
+    plain.initialise_from(str(supervised))
+    assert same(plain.net, net_weights(supervised)) and same(
+        plain.ema.module, plain.net.state_dict()
+    )
+    other = tmp_path / "five.ckpt"
+    five = tiny_unet(num_classes=5)
+    torch.save({"state_dict": five.state_dict(), "hyper_parameters": dict(five.hparams)}, other)
+    linknet = tmp_path / "linknet.ckpt"
+    net = LinkNet(num_classes=11, encoder="resnet18")
+    torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"num_classes": 11}}, linknet)
+    empty, text = tmp_path / "empty.ckpt", tmp_path / "notes.txt"
+    torch.save({"state_dict": {}}, empty)
+    text.write_text("not a checkpoint")
+    cases = {
+        other: f"init_from '{other}' was trained for 5 classes but this model has 11",
+        linknet: rf"init_from '{linknet}' does not fit UNetNetwork .*tensors .* missing",
+        empty: f"init_from '{empty}' holds no network weights",
+        text: f"init_from '{text}' (holds Python objects|cannot be read)",
+        tmp_path / "gone.ckpt": "init_from .*gone.ckpt': no such file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(CheckpointError, match=message) as error:
+            method("FixMatch").initialise_from(str(path))
+        assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- the network option
