@@ -17,6 +17,7 @@ from fakes_zoo import make_fake_sbd, make_fake_voc
 from PIL import Image
 
 from seglight.data import VOC, CamVid, SemiSupervised, Synthetic
+from seglight.data.base import masks_optional
 from seglight.data.semi import LABELED_FILE, read_split_list
 from seglight.errors import ConfigError, DataError
 from seglight.models import UNet
@@ -56,6 +57,7 @@ def test_unlabelled_masks_are_never_opened(camvid):
         assert set(labeled["name"]) <= {"0001TP_train_0001", "0001TP_train_0004"}
         assert not set(unlabeled["name"]) & {"0001TP_train_0001", "0001TP_train_0004"}
         assert (unlabeled["mask"] == 255).all()  # no label reaches a method
+        assert "heldout_mask" not in unlabeled  # the monitor's masks: off by default
         assert unlabeled["valid"].dtype == torch.bool and unlabeled["valid"].shape == (2, 16, 16)
         assert (labeled["mask"] != 255).any()
         assert unlabeled["image"].shape == labeled["image"].shape == (2, 3, 16, 16)
@@ -69,6 +71,47 @@ def test_valid_marks_the_crop_padding(camvid):
     dm.dataset.scale_range, dm.dataset.hflip = (1.0, 1.0), False
     unlabeled = train_batches(dm)[0][0]["unlabeled"]
     assert unlabeled["valid"][:, :24, :32].all() and not unlabeled["valid"][:, 24:, :].any()
+
+
+def test_held_out_masks_follow_the_image_and_change_no_draw(camvid):
+    """monitor_unlabeled_masks: each unlabelled sample's "heldout_mask" is its real mask scaled,
+    cropped and flipped as its image (as the labelled path does with the same draws), "mask"
+    stays all-ignore, the images are those of a run without it, and an image without a mask
+    gets an all-ignore one."""
+    (camvid / "trainannot" / "0001TP_train_0005.png").unlink()  # never labelled: no mask
+    off, on = semi(camvid, labeled=2), semi(camvid, labeled=2, monitor_unlabeled_masks=True)
+    for dm in (off, on):
+        dm.setup("fit")
+    with masks_optional():  # the wrapped split, masks and all
+        full = on.dataset.build_dataset("train", train=True)
+    index = {image.stem: i for i, (image, _) in enumerate(full.pairs)}
+    for i in range(len(on.datasets["unlabeled"])):
+        samples = []
+        for dataset in (on.datasets["unlabeled"], off.datasets["unlabeled"]):
+            torch.manual_seed(i)
+            samples.append(dataset[i])
+        sample, plain = samples
+        assert torch.equal(sample["image"], plain["image"]) and "heldout_mask" not in plain
+        assert torch.equal(sample["valid"], plain["valid"])
+        assert (sample["mask"] == 255).all() and sample["heldout_mask"].dtype == torch.long
+        if sample["name"] == "0001TP_train_0005":
+            assert (sample["heldout_mask"] == 255).all()
+            continue
+        torch.manual_seed(i)
+        labelled = full[index[sample["name"]]]
+        assert torch.equal(sample["image"], labelled["image"])
+        assert torch.equal(sample["heldout_mask"], labelled["mask"])
+        assert (sample["heldout_mask"] != 255).any()
+    batch = train_batches(on)[0][0]
+    assert batch["unlabeled"]["heldout_mask"].shape == (2, 16, 16)
+    assert "heldout_mask" not in batch["labeled"]
+    generated = SemiSupervised(
+        Synthetic(num_train=6, num_val=2, num_test=2, image_size=(16, 16), batch_size=2),
+        labeled=2,
+        monitor_unlabeled_masks=True,
+    )
+    unlabeled = train_batches(generated)[0][0]["unlabeled"]
+    assert (unlabeled["mask"] == 255).all() and (unlabeled["heldout_mask"] != 255).any()
 
 
 def test_labelled_choice_is_seeded_recorded_and_reusable(camvid, tmp_path):

@@ -22,8 +22,14 @@ from seglight.methods.advsemiseg import (
     masked_bce,
     one_hot_labels,
 )
+from seglight.methods.base import decision_accuracy
 from seglight.methods.decoupled import DecoupledNetNetwork, sample_present_classes
-from seglight.methods.gansemiseg import DCGANGenerator, frozen_norm_statistics, real_fake_losses
+from seglight.methods.gansemiseg import (
+    DCGANGenerator,
+    called_fake,
+    frozen_norm_statistics,
+    real_fake_losses,
+)
 
 TINY_NET = {"class_path": "UNet", "init_args": {"encoder": "original", "base_channels": 4}}
 TINY_DECOUPLED = {"width": 4, "fc_channels": 16, "bridge_channels": 16}
@@ -89,6 +95,20 @@ def test_adversarial_losses_and_pseudo_labels():
     seg = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # argmax 0, 1
     d = torch.tensor([[[[0.0, -3.0]]]])  # sigmoid 0.5 and 0.047
     assert confident_pseudo_labels(seg, d, 0.2, 255).tolist() == [[[0, 255]]]
+
+
+def test_discriminator_accuracy_of_both_methods():
+    real_right = torch.tensor([[[True, False], [True, True]]])
+    real_valid = torch.tensor([[[True, True], [False, True]]])  # 3 valid, 2 right
+    fake_right = torch.tensor([[[False, True], [True, True]]])  # all valid, 3 right
+    assert decision_accuracy(real_right, real_valid, fake_right, None).item() == pytest.approx(
+        5 / 7
+    )
+    none = torch.zeros_like(real_valid)
+    assert decision_accuracy(real_right, none, fake_right, none) == 0
+    logits = torch.zeros(1, 3, 1, 2)  # K = 2 and "fake"
+    logits[0, 2, 0, 0] = 5.0  # p_fake > 0.5 on the first pixel only
+    assert called_fake(logits).tolist() == [[[True, False]]]
 
 
 def test_generator_and_real_fake_losses():

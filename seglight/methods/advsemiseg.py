@@ -49,7 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seglight.methods.base import SemiSupervisedModel, fraction, logits_of
+from seglight.methods.base import (
+    SemiSupervisedModel,
+    decision_accuracy,
+    fraction,
+    logits_of,
+)
 
 
 class FCDiscriminator(nn.Module):
@@ -105,15 +110,6 @@ def masked_bce(
     if logits.numel() == 0:
         return logits.sum()
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
-
-
-def decision_accuracy(
-    d_fake: torch.Tensor, fake_valid: torch.Tensor, d_real: torch.Tensor, real_valid: torch.Tensor
-) -> torch.Tensor:
-    """D's pixel accuracy: maps [B, 1, H, W] of predictions (right when sigmoid < 0.5) and of
-    ground truth (right when sigmoid >= 0.5) over their valid pixels [B, H, W]. No host sync."""
-    right = ((d_fake[:, 0] < 0) & fake_valid).sum() + ((d_real[:, 0] >= 0) & real_valid).sum()
-    return right / (fake_valid.sum() + real_valid.sum()).clamp(min=1)
 
 
 def confident_pseudo_labels(
@@ -234,7 +230,8 @@ class AdvSemiSeg(SemiSupervisedModel):
         d_fake, d_real = self.discriminator(fake), self.discriminator(real)
         loss_d = 0.5 * masked_bce(d_fake, 0.0, fake_valid)
         loss_d = loss_d + 0.5 * masked_bce(d_real, 1.0, valid)
-        monitor["d_acc"] = decision_accuracy(d_fake.detach(), fake_valid, d_real.detach(), valid)
+        # sigmoid(D) >= 0.5: "ground truth"
+        monitor["d_acc"] = decision_accuracy(d_real[:, 0] >= 0, valid, d_fake[:, 0] < 0, fake_valid)
         d_opt.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         self.step_optimizer(d_opt, counted=False)

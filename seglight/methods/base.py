@@ -267,6 +267,23 @@ def fraction(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (kept & valid).sum() / valid.sum().clamp(min=1)
 
 
+def decision_accuracy(
+    real_right: torch.Tensor,
+    real_valid: torch.Tensor | None,
+    fake_right: torch.Tensor,
+    fake_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """A discriminator's pixel accuracy on its real / fake decision: where it called real pixels
+    real (`real_right`, bool [B, H, W]) and fake ones fake (`fake_right`), over their valid
+    pixels (all when None); 0 when none is valid. No host sync."""
+    if real_valid is None:
+        real_valid = torch.ones_like(real_right)
+    if fake_valid is None:
+        fake_valid = torch.ones_like(fake_right)
+    right = (real_right & real_valid).sum() + (fake_right & fake_valid).sum()
+    return right / (real_valid.sum() + fake_valid.sum()).clamp(min=1)
+
+
 def pseudo_label_quality(
     pseudo: torch.Tensor,
     heldout: torch.Tensor,

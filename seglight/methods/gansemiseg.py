@@ -51,7 +51,13 @@ import torch
 from torch import nn
 
 from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from seglight.methods.base import SemiSupervisedModel, build_network, fraction, logits_of
+from seglight.methods.base import (
+    SemiSupervisedModel,
+    build_network,
+    decision_accuracy,
+    fraction,
+    logits_of,
+)
 from seglight.nn import resize_to
 
 
@@ -236,12 +242,13 @@ class GANSemiSeg(SemiSupervisedModel):
         loss = loss_ce + hp.lambda_unlabeled * loss_real + hp.lambda_fake * loss_fake
         valid = self.unlabeled_valid(unlabeled)
         with torch.no_grad():
-            right = (~called_fake(logits_u) & valid).sum() + called_fake(logits_fake).sum()
             monitor = {
                 "loss_sup": loss_ce.detach(),
                 "loss_unsup": (hp.lambda_unlabeled * loss_real + hp.lambda_fake * loss_fake),
                 "confident": fraction(valid, valid),
-                "d_acc": right / (valid.sum() + logits_fake[:, 0].numel()).clamp(min=1),
+                "d_acc": decision_accuracy(
+                    ~called_fake(logits_u), valid, called_fake(logits_fake), None
+                ),
                 **self.pseudo_label_monitor(logits_u[:, : self.num_classes].argmax(1), unlabeled),
             }
         opt.zero_grad(set_to_none=True)
