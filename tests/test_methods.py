@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_fake_camvid, run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_perf import count_host_syncs
 
 import seglight
 from seglight.cli import run
@@ -24,6 +25,8 @@ from seglight.methods import CPS, FixMatch, MeanTeacher, SemiSupervisedModel, bu
 from seglight.methods.base import (
     classmix_masks,
     cutmix_boxes,
+    decision_accuracy,
+    fraction,
     mix,
     photometric_jitter,
     pseudo_label_quality,
@@ -289,7 +292,10 @@ def test_pseudo_label_quality_on_a_crafted_batch():
     heldout = torch.tensor([[[0, 1, 2], [2, 255, 1]]])
     valid = torch.tensor([[[True, True, True], [True, True, False]]])
     # counted: 4 pixels, 3 right; IoU 0: 1/1, 1: 1/2, 2: 1/2 (class 3 absent: left out)
-    got = pseudo_label_quality(pseudo, heldout, valid, num_classes=4)
+    with count_host_syncs() as counter, counter.scope():  # cheap: no host sync
+        got = pseudo_label_quality(pseudo, heldout, valid, num_classes=4)
+        fraction(valid, valid), decision_accuracy(valid, valid, ~valid, None)
+    assert not counter.calls, dict(counter.calls)
     assert got["pseudo_acc"].item() == pytest.approx(0.75)
     assert got["pseudo_mIoU"].item() == pytest.approx(2 / 3)
     no_label = pseudo_label_quality(pseudo.masked_fill(pseudo == 1, 255), heldout, None, 4)
