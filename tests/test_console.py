@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import warnings
@@ -58,6 +59,102 @@ def test_progress_bar_shows_val_miou_and_the_best_without_v_num():
     shown = bar.get_metrics(trainer, None)
     assert shown["val/mIoU"] == "0.500" and shown["best"] == "0.550 ep1"
     assert "v_num" not in shown
+
+
+def test_progress_bar_has_no_last_epoch_without_an_epoch_limit():
+    from seglight.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # --trainer.max_epochs -1 (max_steps decides)
+    assert bar._get_train_description(0).strip() == "Epoch 0"  # not Lightning's "Epoch 0/-2"
+    bar._trainer = SimpleNamespace(max_epochs=20)
+    assert bar._get_train_description(3).strip() == "Epoch 3/19"
+
+
+def _fixmatch_fit(root: Path, run_dir: Path, **bar_options) -> None:
+    """A few FixMatch steps on fake CamVid (2 labelled images), validated every 2 steps, with
+    seglight's progress bar and metrics.json."""
+    import lightning as L
+
+    from seglight.callbacks import MetricsSummary, RichProgressBar
+    from seglight.data import CamVid, SemiSupervised
+    from seglight.methods import FixMatch
+
+    L.seed_everything(0)
+    tiny = {"class_path": "UNet", "init_args": {"encoder": "original", "base_channels": 4}}
+    model = FixMatch(num_classes=11, network=tiny, threshold=0.0)
+    data = SemiSupervised(
+        CamVid(root=str(root), crop_size=(32, 32), batch_size=1, num_workers=0), labeled=2
+    )
+    trainer = L.Trainer(
+        max_steps=4, max_epochs=-1, val_check_interval=2, check_val_every_n_epoch=None,
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+        limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(run_dir),
+        callbacks=[RichProgressBar(**bar_options), MetricsSummary()],
+    )  # fmt: skip
+    trainer.fit(model, data)
+
+
+@pytest.fixture(scope="module")
+def redirected_fixmatch(tmp_path_factory):
+    """A FixMatch fit with stdout redirected to a file, as under nohup or SLURM: (stdout, run)."""
+    from conftest import make_fake_camvid
+
+    work = tmp_path_factory.mktemp("redirected")
+    root = make_fake_camvid(work / "camvid", {"train": 6, "val": 2, "test": 2}, (32, 32))
+    log = work / "log.txt"
+    with open(log, "w") as out:
+        saved, sys.stdout = sys.stdout, out
+        try:
+            _fixmatch_fit(root, work / "run", plain_every_n_steps=1)
+        finally:
+            sys.stdout = saved
+    return log.read_text(), work / "run"
+
+
+def test_redirected_fit_prints_a_plain_line_for_each_validation(redirected_fixmatch):
+    text, _ = redirected_fixmatch
+    lines = text.splitlines()
+    assert "\x1b" not in text and "━" not in text  # no bar, no terminal codes
+    val = [line for line in lines if "val/mIoU" in line]
+    # one per validation (steps 2 and 4), each with the epoch, step, mIoU, best, speed and time
+    assert [re.search(r"step (\d+)", line)[1] for line in val] == ["2", "4"], lines
+    for line in val:
+        assert re.match(
+            r"epoch \d+  step \d+  val/mIoU \d\.\d{4}  best \d\.\d{4} \(epoch \d+\)", line
+        )
+        assert re.search(r"[\d.]+ img/s  elapsed \d+:\d\d:\d\d$", line), line
+        # the method's loss parts and confident fraction, not only the averaged loss
+        assert re.search(
+            r"train loss [\d.]+ \(sup [\d.]+, unsup [\d.e-]+, confident [\d.]+\)", line
+        )
+    # and a line for each training step between them (plain_every_n_steps=1): the one step's
+    train = [line for line in lines if "val/mIoU" not in line]
+    assert [re.search(r"step (\d+)", line)[1] for line in train] == ["1", "3"], lines
+    assert all(re.search(r"step \d+  train loss [\d.]+ \(sup ", line) for line in train)
+    assert all("/-" not in line for line in lines)  # max_epochs -1: no "0/-2"
+
+
+def test_semi_runs_record_their_loss_parts_in_the_history(redirected_fixmatch):
+    _, run = redirected_fixmatch
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    for point in history:
+        train = point["train"]  # the means of every train/* value over the steps since the last
+        assert set(train) == {"loss", "loss_sup", "loss_unsup", "confident"}, train
+        assert train["confident"] == 1.0  # threshold 0: every pseudo-label counts
+        # FixMatch's loss is the mean of its parts: the parts' means make the loss's mean
+        assert train["loss"] == pytest.approx((train["loss_sup"] + train["loss_unsup"]) / 2)
+
+
+def test_the_bar_shows_the_loss_parts_in_a_terminal():
+    from seglight.callbacks import RichProgressBar
+
+    bar = RichProgressBar()
+    values = {"train/loss_step": 1.21, "train/loss": 1.21, "train/loss_sup": 2.43,
+              "train/loss_unsup": 0.0, "train/confident": 0.0}  # fmt: skip
+    shown = bar.get_metrics(_trainer(values, 0), None)
+    assert shown == {"loss": "1.21", "sup": "2.43", "unsup": "0", "confident": "0"}
 
 
 # ----------------------------------------------------------------------------- noise

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from seglight.callbacks._common import _scalar
+from seglight.callbacks._common import TrainMeans, _scalar
 from seglight.utils import atomic_write_json, git_revision
 
 
@@ -22,8 +22,11 @@ class MetricsSummary(L.Callback):
 
     {"model": ..., "data": ..., "params": ..., "git": {...}, "val": {metric: value}, "best_val":
     {... of the epoch with the best val/mIoU}, "epoch": ..., "step": ...,
-    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss", "wall_s"} for each validation;
-    wall_s: seconds since the fit started, sanity check included, continued across a resume],
+    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss", "wall_s", "train"} for each
+    validation; wall_s: seconds since the fit started, sanity check included, continued across a
+    resume; train: {name: mean} of every scalar train/<name> the model logs per step (the loss,
+    a method's loss parts, confident fraction, discriminator accuracy, ...) over the training
+    steps since the previous validation, i.e. the epoch's means with one validation per epoch],
     "throughput": {"train_images_per_s", "train_images", "train_seconds"},
     "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...],
     "evaluations": [{"stage", "checkpoint", "checkpoint_epoch", "checkpoint_step", "inference",
@@ -50,6 +53,7 @@ class MetricsSummary(L.Callback):
         self._checkpoint: dict[str, Any] = {}  # epoch and step of a loaded checkpoint
         self._wall_start: float | None = None
         self._wall_offset = 0.0
+        self._train = TrainMeans()  # the train/* means of the history's next point
 
     # ----------------------------------------------------------------------------- throughput
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,6 +101,8 @@ class MetricsSummary(L.Callback):
         batch_idx: int,
     ) -> None:  # fmt: skip
         self._end_activation_count()
+        if trainer.is_global_zero:
+            self._train.update(trainer)
         now = time.perf_counter()
         if self._last is not None:
             self._seconds += now - self._last
@@ -172,6 +178,9 @@ class MetricsSummary(L.Callback):
                 if self._wall_start is not None:  # seconds since the fit started
                     wall = self._wall_offset + time.perf_counter() - self._wall_start
                     point["wall_s"] = round(wall, 2)
+                train = self._train.pop()
+                if train:
+                    point["train"] = train
                 # a resumed run may validate a step again: one point per step
                 history = [h for h in summary.get("history", []) if h.get("step") != step]
                 summary["history"] = [*history, {**point, "epoch": epoch, "step": step}]
