@@ -196,6 +196,30 @@ def test_bad_input_gives_a_short_clear_error(tmp_path, args, message):
     assert_no_run_left(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "option, value, answer",
+    [
+        ("--model.learning_rate", "0.1", "UNet has no option 'learning_rate'. Did you mean --model.lr?"),
+        # an abbreviation is refused, not taken as max_epochs
+        ("--trainer.max_epoch", "3", "--trainer.max_epoch (abbreviations are not taken). Did you mean --trainer.max_epochs?"),
+        ("--trainer.max_epochs", "abc", "--trainer.max_epochs abc: expected int or None"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_option_is_answered_in_a_line_naming_the_close_names(
+    option, value, answer, capsys
+):
+    from seglight.cli import main
+
+    quickstart = str(REPO / "experiments" / "quickstart.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        # --print_config: were the option taken, the test would end at once, not train
+        main(["fit", "--config", quickstart, option, value, "--print_config"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and answer in err
+    assert len(err.strip().splitlines()) == 1, err  # no usage, no NestedArg dump
+    assert not Path("runs").exists()
+
+
 def assert_no_run_left(work: Path) -> None:
     """A failed start leaves no runs/<experiment>/version_N and no W&B run to sync."""
     assert not (work / "runs").exists() or not any((work / "runs").iterdir()), sorted(

@@ -17,6 +17,8 @@ What this adds to LightningCLI:
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import inspect
 import os
 import re
@@ -44,7 +46,7 @@ from seglight.config import (
     with_defaults,
 )
 from seglight.data.base import DATASETS, SegmentationDataModule
-from seglight.errors import ConfigError
+from seglight.errors import ConfigError, user_error
 from seglight.models.base import MODELS, SegmentationModel
 from seglight.utils import atomic_write_text, first_doc_line, git_revision
 
@@ -124,6 +126,96 @@ def _epilog() -> str:
         lines.append(f"  {name}: {first_doc_line(cls)}")
         lines += _own_options(cls, SegmentationDataModule, "data")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- parse errors
+def _initials(name: str) -> str:
+    return "".join(word[0] for word in name.split("_") if word)
+
+
+def close_names(name: str, known: list[str]) -> list[str]:
+    """The known names `name` may have meant: close spellings, the same initials
+    (learning_rate -> lr), or one inside the other (epochs -> max_epochs)."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    for k in known:
+        short, long_ = sorted((name, k), key=len)
+        if k not in close and (
+            (len(short) > 1 and _initials(long_) == short and "_" in long_)
+            or (len(short) >= 4 and short in long_.split("_"))
+            or (len(short) >= 5 and short in long_)
+        ):
+            close.append(k)
+    return close[:3]
+
+
+def _init_options(cls: type) -> list[str]:
+    """The options jsonargparse accepts for `cls`: its __init__ arguments and those its bases
+    take through **kwargs."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        for name, p in inspect.signature(klass.__init__).parameters.items():
+            if name not in ("self", *names) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                names.append(name)
+    return names
+
+
+def parse_error(parser, args: list[str], message: str) -> ConfigError:
+    """jsonargparse's error for the command line, as one or two lines: an option a class does not
+    take or an unknown (or abbreviated) option names what was meant; other errors keep their
+    message, without the usage that jsonargparse prints before it."""
+    import importlib
+
+    subcommand = args[0] if args and not args[0].startswith("-") else None
+    prog = f"seglight {subcommand}" if subcommand else "seglight"
+    nested = re.search(
+        r'Parser key "([\w.]+)".*?given class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted',
+        message,
+        re.S,
+    )
+    if nested:
+        group, class_path, option = nested.groups()
+        module, _, name = class_path.rpartition(".")
+        try:
+            known = _init_options(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError, ValueError, TypeError):
+            known = []
+        close = close_names(option, known)
+        hint = f" Did you mean {' or '.join(f'--{group}.{c}' for c in close)}?" if close else ""
+        return ConfigError(
+            f"--{group}.{option}: {name} has no option {option!r}.{hint} "
+            f"(all its options: {prog} --{group}.help {name})"
+        )
+    if message.startswith("unrecognized arguments:"):
+        given = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
+        option = given[0].split("=", 1)[0] if given else ""
+        sub = getattr(parser, "_subcommands_action", None)
+        sub = sub._name_parser_map.get(subcommand) if sub is not None and subcommand else parser
+        known = [o for o in getattr(sub, "_option_string_actions", {}) if o.startswith("--")]
+        prefix = option.rpartition(".")[0]
+        same_group = [k for k in known if k.rpartition(".")[0] == prefix]
+        close = close_names(option, same_group or known) if option else []
+        if not close and same_group:  # the last part alone: --trainer.epochs -> max_epochs
+            last = {k.rpartition(".")[2]: k for k in same_group}
+            close = [last[c] for c in close_names(option.rpartition(".")[2], list(last))]
+        abbreviated = [k for k in known if k.startswith(option) and k != option] if option else []
+        why = " (abbreviations are not taken)" if abbreviated else ""
+        hint = (
+            f" Did you mean {' or '.join(abbreviated[:3] or close)}?"
+            if close or abbreviated
+            else ""
+        )
+        return ConfigError(
+            f"unknown option {option or message}{why}.{hint} ({prog} --help lists them)"
+        )
+    key = re.match(r'Parser key "([\w.]+)":', message)
+    expected = re.findall(r"Expected an? <class '(\w+)'>", message)
+    value = re.search(r"Given value: (.*)", message)
+    if key and expected and value:  # a value of the wrong type
+        types = " or ".join(dict.fromkeys("None" if t == "NoneType" else t for t in expected))
+        return ConfigError(f"--{key[1]} {value[1].strip()}: expected {types}")
+    return ConfigError(" ".join(line.strip() for line in message.strip().splitlines()))
 
 
 # ------------------------------------------------------------------------------- run directories
@@ -275,6 +367,10 @@ class SeglightCLI(LightningCLI):
         kwargs.setdefault("formatter_class", _HelpFormatter)  # subcommands inherit the main one's
         kwargs.setdefault("prog", "seglight")  # not __main__.py; subcommands add their name
         kwargs.setdefault("parser_mode", PARSER_MODE)
+        # a mistyped option raises (parse_error answers it in a line, without the usage), and an
+        # abbreviated one is refused, not expanded (`--trainer.max_epoch` is not max_epochs)
+        kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
         if "description" in kwargs:  # a subcommand's parser: list every architecture's options
             kwargs.setdefault("epilog", _epilog())
         return super().init_parser(**kwargs)
@@ -294,7 +390,12 @@ class SeglightCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as e:
+            if user_error(e) is not None:  # raised by seglight's own checks: one line already
+                raise
+            raise parse_error(parser, list(args or []), str(e)) from None
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
