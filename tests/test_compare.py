@@ -161,6 +161,29 @@ def test_auto_source_falls_back_when_a_run_has_no_test(tmp_path, runs_dir):
     plot_curves(mixed, tmp_path / "curves.png")  # the old run is drawn as one point
 
 
+def test_a_tested_run_keeps_its_test_score_beside_an_untested_one(tmp_path, runs_dir, capsys):
+    """A quickstart run (no test) beside a tested U-Net run: every metric either has is shown,
+    empty where a run lacks it."""
+    make_run(
+        runs_dir / "quickstart",
+        "version_0",
+        config("original", [64, 64], "q"),
+        metrics(0.3, [0.1, 0.2, 0.3], test=False),
+    )
+    runs = load_runs([runs_dir / "quickstart" / "version_0", runs_dir / "unet" / "version_2"])
+    columns, rows = table_rows(runs)
+    quickstart, unet = (dict(zip(columns, row, strict=True)) for row in rows)
+    assert quickstart["mIoU %"] == "30.00" and unet["mIoU %"] == "50.00"  # best_val: both have it
+    assert quickstart["test mIoU %"] == "-" and unet["test mIoU %"] == "49.00"
+    assert "metrics: best_val; test mIoU where a run has it" in str(compare_table(runs).title)
+    files = report(runs, out=tmp_path / "out")
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert [r["test_mIoU"] for r in rows] == ["", "0.49"]
+    assert "test mIoU %" in files["markdown"].read_text()
+    # one source asked for: that one only
+    assert "test mIoU %" not in table_rows(runs, "best_val")[0]
+
+
 def test_report_writes_csv_markdown_and_plots(runs_dir, tmp_path):
     runs = load_runs([runs_dir])
     files = report(runs, out=tmp_path / "out")

@@ -180,6 +180,23 @@ def choose_source(runs: Sequence[Run], source: str = "auto") -> str:
     return "val"
 
 
+def extra_sources(runs: Sequence[Run], source: str = "auto") -> list[str]:
+    """With "auto", the other sections (test, best_val) that some run has but that the table's
+    main source is not: each gets its own mIoU column, empty where a run lacks it (a tested run
+    beside an untested one keeps its test score)."""
+    if source != "auto":
+        return []
+    chosen = choose_source(runs, source)
+    return [s for s in ("test", "best_val") if s != chosen and any(run.scores(s) for run in runs)]
+
+
+def _sources(runs: Sequence[Run], source: str) -> str:
+    """The metrics shown: "best_val", or "best_val; test mIoU where a run has it"."""
+    extras = extra_sources(runs, source)
+    also = f"; {', '.join(extras)} mIoU where a run has it" if extras else ""
+    return f"{choose_source(runs, source)}{also}"
+
+
 # ----------------------------------------------------------------------------- the table
 def _frozen(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
@@ -265,12 +282,15 @@ def table_rows(
     runs: Sequence[Run], source: str = "auto", keys: Sequence[str] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     """(column headers, rows of strings): run, the config keys (default: those that differ),
-    mIoU / mAcc / acc in %, parameters, training images/s, activation and peak CUDA memory."""
+    mIoU / mAcc / acc in %, parameters, training images/s, activation and peak CUDA memory;
+    with "auto", also "<section> mIoU %" for each section only some runs have (extra_sources)."""
+    extras = extra_sources(runs, source)
     source = choose_source(runs, source)
     keys = differing_keys(runs) if keys is None else list(keys)
     short = short_names(keys)
-    columns = ["run", *(short[k] for k in keys), "mIoU %", "mAcc %", "acc %", "params (M)"]
-    columns += ["train img/s", "act. MB"]
+    columns = ["run", *(short[k] for k in keys), "mIoU %", "mAcc %", "acc %"]
+    columns += [f"{extra} mIoU %" for extra in extras]
+    columns += ["params (M)", "train img/s", "act. MB"]
     tested = source == "test" and any(run.test_checkpoint for run in runs)
     if tested:
         columns.append("test checkpoint")
@@ -282,6 +302,7 @@ def table_rows(
         scores = run.scores(source)
         row = [run.name, *(format_value(run.config.get(k)) for k in keys)]
         row += [_percent(scores.get(m)) for m in ("mIoU", "mAcc", "acc")]
+        row += [_percent(run.scores(extra).get("mIoU")) for extra in extras]
         row.append("-" if run.params is None else f"{run.params / 1e6:.3f}")
         row.append("-" if run.throughput is None else f"{run.throughput:.1f}")
         row.append(_megabytes(run.memory.get("activations_mb")))
@@ -309,7 +330,7 @@ def compare_table(
     never cut."""
     from rich.table import Table
 
-    source = choose_source(runs, source)
+    title = f"{len(runs)} runs (metrics: {_sources(runs, source)})"
     keys = differing_keys(runs) if keys is None else list(keys)
     columns, rows = table_rows(runs, source, keys)
     n_keys = len(keys)
@@ -321,7 +342,7 @@ def compare_table(
             [row[0], *row[1 + n_keys :], settings(run, keys, short)]
             for row, run in zip(rows, runs, strict=True)
         ]
-    table = Table(title=f"{len(runs)} runs (metrics: {source})")
+    table = Table(title=title)
     for i, column in enumerate(columns):
         wraps = column == "settings"
         table.add_column(
@@ -345,6 +366,7 @@ def print_table(runs: Sequence[Run], source: str = "auto") -> None:
 
 def write_csv(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
     """The table as CSV, with full key names and raw numbers (mIoU etc. as fractions)."""
+    extras = extra_sources(runs, source)
     source = choose_source(runs, source)
     keys = differing_keys(runs)
     classes = list(dict.fromkeys(c for run in runs for c in run.per_class(source)))
@@ -353,7 +375,9 @@ def write_csv(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Pa
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["run", "path", *keys, "source", "mIoU", "mAcc", "acc", "params"]
+            ["run", "path", *keys, "source", "mIoU", "mAcc", "acc"]
+            + [f"{extra}_mIoU" for extra in extras]
+            + ["params"]
             + ["train_images_per_s", "activations_mb", "peak_cuda_mb"]
             + [f"IoU/{c}" for c in classes]
         )
@@ -362,6 +386,7 @@ def write_csv(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Pa
             writer.writerow(
                 [run.name, str(run.path), *(_csv_value(run.config.get(k)) for k in keys), source]
                 + [scores.get(m) for m in ("mIoU", "mAcc", "acc")]
+                + [run.scores(extra).get("mIoU") for extra in extras]
                 + [run.params, run.throughput]
                 + [run.memory.get("activations_mb"), run.memory.get("peak_cuda_mb")]
                 + [run.per_class(source).get(c) for c in classes]
@@ -375,9 +400,8 @@ def _csv_value(value: Any) -> Any:
 
 def write_markdown(runs: Sequence[Run], path: str | Path, source: str = "auto") -> Path:
     """The table as a Markdown table (for a README or a report)."""
-    source = choose_source(runs, source)
     columns, rows = table_rows(runs, source)
-    lines = [f"Metrics: {source}.", "", "| " + " | ".join(columns) + " |"]
+    lines = [f"Metrics: {_sources(runs, source)}.", "", "| " + " | ".join(columns) + " |"]
     lines.append("| " + " | ".join("---" for _ in columns) + " |")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     path = Path(path)
