@@ -76,6 +76,7 @@ def test_test_prints_per_class_table_and_matches_an_independent_count(trained):
     assert (
         "test per-class IoU" in proc.stdout and "Bicyclist" in proc.stdout and "mIoU" in proc.stdout
     )
+    assert "Test metric" not in proc.stdout  # one table: not Lightning's raw one too
     (evaluation,) = json.loads((out_dir / "metrics.json").read_text())["evaluations"]
     assert evaluation["stage"] == "test" and evaluation["checkpoint"] == str(ckpt)
     reported = evaluation["metrics"]

@@ -378,8 +378,6 @@ class SeglightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("num_classes", "class_names", "ignore_index", "in_channels"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
-        if "verbose" in parser.get_defaults():  # validate/test: our per-class table says it all
-            parser.set_defaults(verbose=False)
         parser.add_argument(
             "--threads",
             type=int | None,
@@ -388,6 +386,14 @@ class SeglightCLI(LightningCLI):
             "rank; SEGLIGHT_THREADS, OMP_NUM_THREADS or torch.set_num_threads also win; see "
             "seglight.threads)",
         )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # validate/test: the model's per-class table says it all, not Lightning's raw one too
+        # (`verbose` is the method's argument, added after add_arguments_to_parser)
+        if "verbose" in parser.get_defaults():
+            parser.set_defaults(verbose=False)
+        return parser
 
     def parse_arguments(self, parser, args) -> None:
         try:
