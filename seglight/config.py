@@ -109,6 +109,38 @@ def logged_config(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if is_compared(k)}
 
 
+#: data options that cannot change an evaluation of a checkpoint (where the files are, how they
+#: are loaded, the training's augmentation)
+NOT_EVALUATED = (
+    "root", "download", "num_workers", "batch_size", "val_batch_size", "unlabeled_batch_size",
+    "pin_memory", "check_masks", "gpu_resident", "crop_size", "scale_range", "hflip",
+    "color_jitter", "allow_empty_classes", "predict_split", "labeled", "labeled_split", "seed",
+)  # fmt: skip
+
+
+def evaluation_differences(trained: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple]:
+    """{flat key: (trained value, value now)} of the `data` options of two configs that change an
+    evaluation (an image_scale, a mask format, ...); options only one of them has (another
+    dataset's) are left out."""
+    before = flatten_config({"data": trained.get("data") or {}})
+    after = flatten_config({"data": now.get("data") or {}})
+    return {
+        k: (before[k], after[k])
+        for k in before
+        if k in after
+        and k != "data"
+        and k.rsplit(".", 1)[-1] not in NOT_EVALUATED
+        and _comparable(before[k]) != _comparable(after[k])
+    }
+
+
+def _comparable(value: Any) -> Any:
+    """Lists and tuples alike, ints and floats alike (YAML's [1, 2] is the parser's (1, 2))."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    return float(value) if _is_number(value) else value
+
+
 def config_paths(argv: list[str]) -> list[tuple[int, str]]:
     found = []
     for i, arg in enumerate(argv):

@@ -127,24 +127,36 @@ def test_predict_writes_palette_masks(trained):
     work, root, _ = trained
     ckpt = work / "runs" / "unet" / "version_0" / "checkpoints" / "last.ckpt"
     out_dir = work / "pred"
-    proc = run_cli(
-        [
-            "predict",
-            *tiny(root, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out_dir)),
-        ],
-        cwd=work,
-    )
-    written = sorted((out_dir / "predictions").glob("*.png"))
+    predict = [
+        "predict",
+        *tiny(root, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out_dir)),
+    ]
+    proc = run_cli(predict, cwd=work)
+    first = out_dir / "predictions_1"  # numbered as its config, config_predict_1.yaml
+    written = sorted(first.glob("*.png"))
     n = len(list((root / "test").iterdir()))
     # it says where and how many, and in which format
-    assert f"wrote {n} masks to {out_dir / 'predictions'}/ (palette PNG" in proc.stdout
-    assert f"wrote {n} overlays to {out_dir / 'predictions' / 'overlays'}/ (JPEG" in proc.stdout
-    assert len(list((out_dir / "predictions" / "overlays").glob("*.jpg"))) == n
+    assert f"wrote {n} masks to {first}/ (palette PNG" in proc.stdout
+    assert f"wrote {n} overlays to {first / 'overlays'}/ (JPEG" in proc.stdout
+    assert len(list((first / "overlays").glob("*.jpg"))) == n
     assert [p.stem for p in written] == sorted(p.stem for p in (root / "test").iterdir())
     with Image.open(written[0]) as im:
         assert im.mode == "P" and im.size == (32, 24)
         assert set(np.unique(np.array(im))) <= set(range(11))
         assert im.getpalette()[3 * 3 : 3 * 4] == [128, 64, 128]  # Road's colour
+    with Image.open(first / "overlays" / f"{written[0].stem}.jpg") as im:
+        assert im.width == 2 * 32 and im.height > 24 + 10  # the image twice, the legend below
+    before = {p.name: p.read_bytes() for p in written}
+    # a second predict, at half the resolution: its own folder, masks at the images' own size
+    proc = run_cli([*predict, "--data.image_scale", "0.5"], cwd=work)
+    # evaluated with other data options than it was trained with: said, with the fix
+    assert "was trained with data.image_scale 1.0 (this predict: 0.5)" in proc.stderr
+    assert "add --data.image_scale 1.0" in proc.stderr
+    second = sorted((out_dir / "predictions_2").glob("*.png"))
+    assert len(second) == n and (out_dir / "config_predict_2.yaml").is_file()
+    with Image.open(second[0]) as im:
+        assert im.size == (32, 24)  # not the loader's 16x12
+    assert {p.name: p.read_bytes() for p in first.glob("*.png")} == before  # kept
 
 
 def test_fit_without_a_logger(tmp_path):
@@ -195,6 +207,20 @@ def test_bad_input_gives_a_short_clear_error(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert_no_run_left(tmp_path)
+
+
+def test_evaluating_with_other_data_options_than_the_training_is_noticed():
+    from seglight.config import evaluation_differences
+
+    def data(**options):
+        init = {"root": "/a", "crop_size": [360, 480], "image_scale": 1.0, "batch_size": 8}
+        return {"data": {"class_path": "seglight.data.CamVid", "init_args": {**init, **options}}}
+
+    trained = data(image_scale=0.25)
+    assert evaluation_differences(trained, data()) == {"data.image_scale": (0.25, 1.0)}
+    # where the files are, the loader and the training's augmentation do not matter
+    same = data(image_scale=0.25, root="/b", crop_size=(64, 64), batch_size=1)
+    assert evaluation_differences(trained, same) == {}
 
 
 @pytest.mark.parametrize(

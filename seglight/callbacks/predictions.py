@@ -24,9 +24,56 @@ def _instance_colour(k: int) -> tuple[int, int, int]:
     return int(255 * r), int(255 * g), int(255 * b)
 
 
+def _image_paths(trainer: L.Trainer) -> dict[str, Path]:
+    """{sample name: image file} of the predict loaders' datasets (those made of image files:
+    a `pairs` list, possibly inside a Subset); empty for generated data."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    paths: dict[str, Path] = {}
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        while dataset is not None and not hasattr(dataset, "pairs"):
+            dataset = getattr(dataset, "dataset", None)
+        for pair in getattr(dataset, "pairs", None) or []:
+            paths[Path(pair[0]).stem] = Path(pair[0])
+    return paths
+
+
+def _legend(picture: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """`picture` with a white strip below it: a colour swatch and the class name of each entry,
+    in rows as wide as the picture."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    pad, swatch, line = 4, 10, 14
+    draw = ImageDraw.Draw(picture)
+    places, x, y = [], pad, pad
+    for name, colour in entries:
+        width = swatch + 3 + int(draw.textlength(name, font=font)) + 2 * pad
+        if x > pad and x + width > picture.width:
+            x, y = pad, y + line
+        places.append((x, y, name, colour))
+        x += width
+    legend = Image.new("RGB", (picture.width, picture.height + y + line + pad), "white")
+    legend.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(legend)
+    top = picture.height
+    for x, y, name, colour in places:
+        draw.rectangle(
+            [x, top + y + 1, x + swatch, top + y + 1 + swatch], fill=colour, outline="black"
+        )
+        draw.text((x + swatch + 3, top + y), name, fill="black", font=font)
+    return legend
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes each predicted mask as a palette PNG, <output_dir>/<name>.png, and the image beside
-    its prediction blended over it, <output_dir>/overlays/<name>.jpg (twice the image's width).
+    """Writes each predicted mask as a palette PNG, <output_dir>/<name>.png, at the image's own
+    size (`original_size`; the loader's, with an `image_scale`, otherwise), and the image beside
+    its prediction blended over it, <output_dir>/overlays/<name>.jpg (twice the image's width),
+    with a legend of the classes in it.
+
+    Each `predict` of a run gets its own folder, <run dir>/predictions_<n> (n as in its config,
+    config_predict_<n>.yaml): a second predict never overwrites the first one's masks.
 
     For instance models (a prediction with "instances"), also each image's instances: an
     instance-id PNG <output_dir>/instances/<name>.png (16-bit, 0 = none, id k = the k-th instance
@@ -35,26 +82,56 @@ class PredictionWriter(BasePredictionWriter):
     <output_dir>/overlays/<name>_instances.jpg (each instance its own colour, box and class label).
 
     Args:
-        output_dir: where to write (default: <run dir>/predictions).
+        output_dir: where to write (default: <run dir>/predictions_<n>, the next number).
         overlays: also write the side-by-side overlays.
         alpha: opacity of the mask's colours in the overlay.
+        original_size: masks and overlays at the size of the image files (read from their
+            headers; the padding of a batch is cut off either way).
     """
 
     def __init__(
-        self, output_dir: str | None = None, overlays: bool = True, alpha: float = 0.5
-    ) -> None:
+        self, output_dir: str | None = None, overlays: bool = True, alpha: float = 0.5,
+        original_size: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.overlays = overlays
         self.alpha = alpha
+        self.original_size = original_size
         self._written = {"masks": 0, "overlays": 0}
+        self._dir: Path | None = None  # this predict's folder
+        self._paths: dict[str, Path] = {}
         self.last_written: dict[str, Any] = {}  # `written` at the end of the last predict
 
     def _out(self, trainer: L.Trainer) -> Path:
-        return Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+        if self._dir is None:
+            self._dir = self._folder(trainer)
+        return self._dir
+
+    def _folder(self, trainer: L.Trainer) -> Path:
+        """output_dir, or <run dir>/predictions_<n>: n of this predict's config file
+        (config_predict_<n>.yaml), else the next free number; rank zero's choice (a collective)."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        from seglight.callbacks.records import EVALUATION_CONFIG_ATTR
+
+        run_dir = Path(trainer.default_root_dir)
+        config = getattr(trainer, EVALUATION_CONFIG_ATTR, None) or ""
+        n = config.removeprefix("config_predict_").removesuffix(".yaml")
+        n = int(n) if n.isdigit() else 1
+        while (run_dir / f"predictions_{n}").exists():
+            n += 1
+        return Path(trainer.strategy.broadcast(str(run_dir / f"predictions_{n}")))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._written = {"masks": 0, "overlays": 0}
+        self._dir = None
+        self._paths = _image_paths(trainer) if self.original_size else {}
+        out = self._out(trainer)
+        if self.output_dir and trainer.is_global_zero and any(out.glob("*.png")):
+            print(
+                f"seglight predict: {out}/ holds earlier predictions: those of the same names are replaced"
+            )
 
     def written(self, trainer: L.Trainer) -> dict[str, Any]:
         """{"predict/masks", "predict/overlays": files written by all ranks, "predict/dir"}
@@ -87,7 +164,8 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
         batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+        from seglight.data.base import read_image
+        from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, scaled_size
         from seglight.inference import overlay
 
         out = self._out(trainer)
@@ -96,35 +174,69 @@ class PredictionWriter(BasePredictionWriter):
         flat = [c for rgb in palette for c in rgb]
         preds = prediction["pred"].to(torch.uint8).cpu()
         names = prediction.get("name") or [f"{batch_idx:05d}_{i:03d}" for i in range(len(preds))]
+        class_names = list(getattr(pl_module, "class_names", None) or [])
+        class_names += [str(c) for c in range(len(class_names), pl_module.num_classes)]
         images = None
         if self.overlays and isinstance(batch, dict) and "image" in batch:
             mean = getattr(dm, "mean", IMAGENET_MEAN)
             std = getattr(dm, "std", IMAGENET_STD)
             images = denormalize(batch["image"][:, :3], mean[:3], std[:3]).cpu()
             colours = torch.tensor(palette, dtype=torch.uint8)
+        scale = float(getattr(dm, "image_scale", 1.0) or 1.0)
         for i, (pred, name) in enumerate(zip(preds, names, strict=True)):
+            # the image's own size, and the part of the (padded) batch that is the image
+            size = self._size(name)
+            if size is not None:
+                h, w = scaled_size(*size, scale)
+                if h > pred.shape[0] or w > pred.shape[1]:  # not the image we think: as it is
+                    size, h, w = None, *pred.shape
+            else:
+                h, w = pred.shape
+            pred = pred[:h, :w]
             image = Image.fromarray(pred.numpy(), mode="P")
             image.putpalette(flat)
+            if size is not None and size != (h, w):
+                image = image.resize((size[1], size[0]), Image.NEAREST)
             self._save(image, out / f"{name}.png", "PNG")
             self._written["masks"] += 1
             if images is not None:
+                source = images[i][:, :h, :w]
+                labels = torch.from_numpy(np.array(image)).long()
+                if size is not None and size != (h, w):
+                    source = read_image(self._paths[name])[:3]  # the image at its own size
                 # classes beyond the palette (none in practice) wrap around rather than fail
-                coloured = colours[pred.long() % len(colours)].permute(2, 0, 1)
-                side_by_side = overlay(images[i], coloured, self.alpha)
+                coloured = colours[labels % len(colours)].permute(2, 0, 1)
+                side_by_side = overlay(source, coloured, self.alpha)
                 picture = Image.fromarray(side_by_side.permute(1, 2, 0).numpy())
+                present = sorted(set(labels.unique().tolist()) & set(range(len(class_names))))
+                entries = [(class_names[c], tuple(palette[c % len(palette)])) for c in present]
+                picture = _legend(picture, entries)
                 self._save(picture, out / "overlays" / f"{name}.jpg", "JPEG", quality=90)
                 self._written["overlays"] += 1
             if prediction.get("instances") is not None:
                 self._write_instances(
                     out, name, prediction["instances"][i], pl_module.class_names,
-                    None if images is None else images[i],
+                    None if images is None else images[i], (h, w),
+                    size if size is not None and size != (h, w) else None,
                 )  # fmt: skip
+
+    def _size(self, name: str) -> tuple[int, int] | None:
+        """(height, width) of the image file of sample `name`, from its header."""
+        path = self._paths.get(name)
+        if path is None:
+            return None
+        try:
+            with Image.open(path) as image:
+                return image.height, image.width
+        except OSError:
+            return None
 
     def _write_instances(
         self, out: Path, name: str, instances: dict[str, torch.Tensor], class_names: list[str],
-        image: torch.Tensor | None,
+        image: torch.Tensor | None, valid: tuple[int, int], size: tuple[int, int] | None,
     ) -> None:  # fmt: skip
-        """The instance-id PNG, its JSON and (with `image`, uint8 [3, H, W]) the overlay."""
+        """The instance-id PNG (the `valid` top-left part of the batch, resized to `size`), its
+        JSON and (with `image`, uint8 [3, H, W]) the overlay."""
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
         order = instances["scores"].argsort(descending=True).cpu()
@@ -133,7 +245,10 @@ class PredictionWriter(BasePredictionWriter):
         ids = np.zeros(masks.shape[-2:], dtype=np.uint16)
         for k in range(len(masks) - 1, -1, -1):  # the best last: it wins overlaps
             ids[masks[k].numpy()] = k + 1
-        self._save(Image.fromarray(ids), out / "instances" / f"{name}.png", "PNG")
+        id_image = Image.fromarray(ids[: valid[0], : valid[1]])
+        if size is not None:
+            id_image = id_image.resize((size[1], size[0]), Image.NEAREST)
+        self._save(id_image, out / "instances" / f"{name}.png", "PNG")
         mapping = {str(k + 1): class_names[c] for k, c in enumerate(labels)}
         atomic_write_json(out / "instances" / f"{name}.json", mapping)
         if image is None:

@@ -275,6 +275,40 @@ def find_checkpoint(base: Path, which: str, run_dir: bool = False) -> Path:
     raise ConfigError(f"--ckpt_path best: {lasts[-1]} records no best checkpoint that still exists")
 
 
+def warn_data_differences(config, ckpt: str, subcommand: str) -> None:
+    """One line on stderr when a checkpoint of a run is evaluated with data options that change
+    the result and differ from those it was trained with (the run's config.yaml), e.g. a model
+    trained at `image_scale: 0.25` evaluated at full size."""
+    from seglight.config import evaluation_differences
+
+    folder = Path(ckpt).parent
+    run_dir = folder.parent if folder.name == "checkpoints" else folder
+    try:
+        trained = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        now = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    except (OSError, yaml.YAMLError):
+        return
+    differences = evaluation_differences(trained, now)
+    if not differences:
+        return
+    said = ", ".join(f"{k} {b!r} (this {subcommand}: {a!r})" for k, (b, a) in differences.items())
+    fix = " ".join(f"--{k} {_option_value(b)}" for k, (b, _) in differences.items())
+    print(
+        f"seglight: warning: {ckpt} was trained with {said}; to evaluate it as trained, add "
+        f"{fix} (or use --config {run_dir / 'config.yaml'})",
+        file=sys.stderr,
+    )
+
+
+def _option_value(value: Any) -> str:
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        .strip()
+        .removesuffix("\n...")
+        .strip()
+    )
+
+
 # ------------------------------------------------------------------------------- multi-process runs
 #: environment variables in which launchers (torchrun, srun, Lightning, jsrun) give a process
 #: its rank; any of them non-zero means "not the process that decides the run directory"
@@ -427,6 +461,8 @@ class SeglightCLI(LightningCLI):
             raise ConfigError(f"--ckpt_path: no such file {ckpt!r}")
         if ckpt:
             self._check_checkpoint(config, ckpt)
+            if subcommand != "fit":
+                warn_data_differences(config, ckpt, subcommand)
         slurm = slurm_launch_key() if subcommand == "fit" and not ckpt else None
         if root:
             run_dir = Path(root)
