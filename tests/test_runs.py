@@ -93,6 +93,27 @@ def test_last_checkpoint_is_rewritten_even_when_the_monitored_metric_does_not_im
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2 and last["global_step"] == fit.global_step == 6
     assert checkpoint.best_model_path.endswith("epoch=0-step=2.ckpt")
+    # last.ckpt was a link to it after epoch 0: rewriting last.ckpt left the best one whole
+    best = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert best["epoch"] == 0 and best["global_step"] == 2
+    assert not os.path.samefile(checkpoint.best_model_path, tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_last_checkpoint_is_no_second_copy_of_the_best_one(tmp_path):
+    # "step" always improves with mode "max": each validation's top-k checkpoint is the last state
+    dm = tiny_camvid(tmp_path / "camvid")
+    model = ENet(num_classes=dm.num_classes, class_names=list(dm.class_names))
+    checkpoint = ModelCheckpoint(monitor="step", mode="max", save_last=True)
+    trainer(tmp_path, max_epochs=2, callbacks=[checkpoint]).fit(model, dm)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=4.ckpt", "last.ckpt"]
+    assert os.path.samefile(folder / "last.ckpt", checkpoint.best_model_path)  # one file
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["optimizer_states"]  # a full, resumable state
+    resumed = ENet(num_classes=dm.num_classes, class_names=list(dm.class_names))
+    again = trainer(tmp_path / "b", max_epochs=3, callbacks=[ModelCheckpoint(save_last=True)])
+    again.fit(resumed, dm, ckpt_path=str(folder / "last.ckpt"))
+    assert again.global_step == 6
 
 
 # ----------------------------------------------------------------------------- NaN / Inf

@@ -25,7 +25,14 @@ class ModelCheckpoint(_ModelCheckpoint):
     rewriting last.ckpt after every validation (or training epoch, when there is no validation),
     whether the monitored metric improved or not: last.ckpt always holds the latest state, for
     `--ckpt_path last`. (Lightning 2.6 rewrites it only when a top-k checkpoint was saved at the
-    same step, i.e. only on improvement; tests/test_resume.py pins the behaviour we rely on.)"""
+    same step, i.e. only on improvement; tests/test_resume.py pins the behaviour we rely on.)
+
+    When last.ckpt would hold the state just saved as a top-k checkpoint (a validation that
+    improved), it is a hard link to that file rather than a second copy (one file on the disk,
+    two names; U-Net R34's is about 280 MB): written atomically like every checkpoint, later
+    rewrites of last.ckpt replace the name, never the best checkpoint's content. (Only with
+    AtomicCheckpointIO, which never writes into an existing file, and on filesystems with hard
+    links; a copy is written otherwise.)"""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -48,6 +55,47 @@ class ModelCheckpoint(_ModelCheckpoint):
             and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        saved = self._last_checkpoint_saved  # a top-k checkpoint written at this very step
+        if (
+            self.save_last is not True
+            or not saved
+            or self._last_global_step_saved != trainer.global_step
+            or not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+            or not _is_local_file_protocol(saved)
+        ):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        filepath = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        if os.path.abspath(filepath) == os.path.abspath(saved):
+            return
+        linked = False
+        if trainer.is_global_zero:
+            linked = _hard_link(saved, filepath)
+        if not trainer.strategy.broadcast(linked):  # no hard links here: a copy, as Lightning
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        previous, self.last_model_path = self.last_model_path, filepath
+        trainer.strategy.barrier()
+        if previous and self._should_remove_checkpoint(trainer, previous, filepath):
+            self._remove_checkpoint(trainer, previous)
+
+
+def _hard_link(target: str, path: str) -> bool:
+    """Make `path` a second name of `target`'s file, atomically (a temporary link beside it,
+    renamed over it); False where the filesystem has no hard links."""
+    tmp = f"{os.path.dirname(path) or '.'}/.{os.path.basename(path)}.link.tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(target, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        return False
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
