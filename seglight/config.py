@@ -89,6 +89,26 @@ NOT_COMPARED = (
     "trainer.callbacks.ModelCheckpoint.auto_insert_metric_name",
     "trainer.callbacks.ModelCheckpoint.enable_version_counter",
     "trainer.callbacks.ModelCheckpoint.save_on_exception",
+    # which checkpoints are kept and when they are written (monitor and mode, which choose the
+    # best one, stay)
+    "trainer.callbacks.ModelCheckpoint.save_last",
+    "trainer.callbacks.ModelCheckpoint.save_top_k",
+    "trainer.callbacks.ModelCheckpoint.save_weights_only",
+    "trainer.callbacks.ModelCheckpoint.every_n_train_steps",
+    "trainer.callbacks.ModelCheckpoint.train_time_interval",
+    "trainer.callbacks.ModelCheckpoint.every_n_epochs",
+    "trainer.callbacks.ModelCheckpoint.save_on_train_epoch_end",
+    "trainer.enable_checkpointing",
+    # predict's options, profiling and debugging aids, the loader's processes and memory
+    "trainer.limit_predict_batches",
+    "trainer.profiler",
+    "trainer.detect_anomaly",
+    "trainer.barebones",
+    "trainer.inference_mode",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.check_masks",
+    "data.predict_split",
 )
 #: the options of callbacks that only display or log (progress bars, model summaries, W&B media)
 _DISPLAY_CALLBACK = re.compile(
@@ -105,8 +125,18 @@ def is_compared(key: str) -> bool:
 
 
 def logged_config(flat: dict[str, Any]) -> dict[str, Any]:
-    """The flat config without the keys that cannot matter to a comparison (W&B's run config)."""
-    return {k: v for k, v in flat.items() if is_compared(k)}
+    """The flat config without the keys that cannot matter to a comparison (W&B's run config);
+    the list of callbacks without those that only display or log."""
+    logged = {k: v for k, v in flat.items() if is_compared(k)}
+    callbacks = logged.get("trainer.callbacks")
+    if isinstance(callbacks, str):
+        kept = [
+            c
+            for c in callbacks.split(", ")
+            if not _DISPLAY_CALLBACK.match(f"trainer.callbacks.{c}.")
+        ]
+        logged["trainer.callbacks"] = ", ".join(kept)
+    return logged
 
 
 #: data options that cannot change an evaluation of a checkpoint (where the files are, how they

@@ -16,6 +16,7 @@ import netrc
 import os
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -105,6 +106,14 @@ class WandbLogger(_LightningWandbLogger):
         self.resumed = True
 
     resumed = False
+    #: an evaluation's step for its metrics: the evaluated checkpoint's (set when it is loaded),
+    #: not the evaluation's own 0, which W&B would plot at the start of the training's run
+    evaluation_step: int | None = None
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if step is not None and self.evaluation_step is not None:
+            step = self.evaluation_step
+        super().log_metrics(metrics, step)
 
     def add_tags(self, tags: list[str]) -> None:
         """Add tags to the run (rank zero; kept with those given as options or in WANDB_TAGS)."""

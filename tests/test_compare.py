@@ -316,6 +316,10 @@ def test_metrics_summary_records_history_throughput_and_activation_memory(tmp_pa
     two = fit_tiny(tmp_path / "b", batch_size=2, max_steps=1)
     ratio = four["memory"]["activations_mb"] / two["memory"]["activations_mb"]
     assert 1.8 < ratio < 2.2, ratio
+    # a fit that max_steps stops mid-epoch validates its final weights too
+    three = fit_tiny(tmp_path / "c", batch_size=4, max_steps=3)
+    assert [h["step"] for h in three["history"]] == [2, 3] and three["step"] == 3
+    assert "loss" in three["val"]  # the validation loss of a model that has one
     # no hook is left behind in this process: autograd saves as usual afterwards
     x = torch.ones(3, requires_grad=True)
     (x * x).sum().backward()

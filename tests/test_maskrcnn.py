@@ -5,6 +5,7 @@ file, the CLI (fit, test, predict) on tiny instance data, and DDP."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -290,10 +291,15 @@ def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
               "--data.allow_empty_classes", "true",
               "--trainer.accelerator", "cpu"]  # fmt: skip
     run_dir = tmp_path / "run"
-    cli = run(
-        ["fit", *common, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(run_dir)]
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run(
+            ["fit", *common, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(run_dir)]
+        )
     assert cli.trainer.global_step == 1
+    # no evaluation loss to average: none computed, none logged as nan, nothing to warn about
+    assert not [w for w in caught if "was called before the ``update``" in str(w.message)]
+    assert "val/loss" not in cli.trainer.callback_metrics
     logged = cli.trainer.callback_metrics
     for key in ("train/loss_mask", "train/loss_classifier", "train/loss_objectness"):
         assert key in logged or f"{key}_epoch" in logged, key

@@ -157,7 +157,12 @@ def test_logged_config_has_each_option_once_and_no_display_settings(offline_fit)
     ]
     assert not shown, shown
     assert "trainer.default_root_dir" not in config
-    assert len(config) < 100, len(config)  # 183 before (plus W&B's own `_wandb`)
+    # nor what cannot change a result: checkpoint keeping, predict's and debugging options
+    unchanging = ("trainer.limit_predict_batches", "trainer.profiler", "data.num_workers",
+                  "trainer.callbacks.ModelCheckpoint.save_top_k", "trainer.detect_anomaly")  # fmt: skip
+    assert not [k for k in unchanging if k in config]
+    assert config["trainer.callbacks"] == "ModelCheckpoint"  # not the display callbacks
+    assert len(config) < 80, len(config)  # 183 at first, then 89 (plus W&B's own `_wandb`)
 
 
 def newest_test(summary: dict) -> dict:
@@ -178,6 +183,11 @@ def test_test_logs_into_the_training_run(offline_fit):
     )
     assert test_part["summary"]["test/ckpt_path"].endswith(".ckpt")
     assert test_part["config"] == {}, "the test does not overwrite the training's config"
+    assert not test_part["tags"], "nor its tags"
+    # the test's metrics are plotted at the step of the checkpoint tested, not at 0
+    step = [e for e in summary["evaluations"] if e["stage"] == "test"][-1]["checkpoint_step"]
+    logged = [row for row in test_part["history"] if "test/mIoU" in row]
+    assert step and [row["trainer/global_step"] for row in logged] == [step]
     # the training's config.yaml is kept; the test's lies beside it
     assert "verbose" not in yaml.safe_load((run_dir / "config.yaml").read_text())  # test's option
     assert (run_dir / "config_test_1.yaml").is_file()

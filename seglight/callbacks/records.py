@@ -36,6 +36,10 @@ class MetricsSummary(L.Callback):
     `test` and `predict` append to "evaluations" and never change it (their config is saved as
     config_<stage>_<n>.yaml beside the fit's config.yaml).
 
+    When `max_steps` ends a fit between two validations (mid-epoch), a last validation runs
+    after the last step (Lightning's validation before a requested stop), so that the record and
+    the best checkpoint include the final weights.
+
     A small, stable summary for comparing runs without W&B (`python -m seglight compare`).
     Written atomically. Throughput counts the training batches after the first of each epoch
     (and of each stretch between validations), loading included, on rank zero times the world
@@ -100,6 +104,10 @@ class MetricsSummary(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.should_stop:
+            # max_steps ends the fit, perhaps mid-epoch: Lightning validates before a requested
+            # stop, so the record and the best checkpoint see the final weights too
+            trainer.should_stop = True
         self._end_activation_count()
         if trainer.is_global_zero:
             self._train.update(trainer)
@@ -190,6 +198,10 @@ class MetricsSummary(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._checkpoint = {k: checkpoint.get(k) for k in ("epoch", "global_step")}
+        if trainer.state.fn != "fit":  # an evaluation's metrics are plotted at that step
+            for logger in trainer.loggers:
+                if hasattr(logger, "evaluation_step"):
+                    logger.evaluation_step = checkpoint.get("global_step")
 
     def _evaluation(
         self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, Any] | None

@@ -84,7 +84,10 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             # an evaluation resumed into the training run keeps the training's config
             if stage == "fit" or not getattr(logger, "resumed", False):
                 logger.log_hyperparams(flat)
-            if hasattr(logger, "add_tags"):
+            # and its tags: a predict on a folder would tag the training's run `Images`
+            if hasattr(logger, "add_tags") and (
+                stage == "fit" or not getattr(logger, "resumed", False)
+            ):
                 logger.add_tags(tags)
 
 

@@ -343,7 +343,8 @@ class SegmentationModel(L.LightningModule):
         values = self.metrics[stage].compute()  # synced across ranks by torchmetrics
         self.metrics[stage].reset()
         logs = {f"{stage}/{k}": values[k] for k in ("mIoU", "acc", "mAcc")}
-        logs[f"{stage}/loss"] = self.loss_means[stage].compute()  # synced likewise
+        if self.loss_means[stage].update_called:  # not by models without an evaluation loss
+            logs[f"{stage}/loss"] = self.loss_means[stage].compute()  # synced likewise
         self.loss_means[stage].reset()  # (also after the sanity check's few batches)
         for name, iou in zip(self.class_names, values["IoU"], strict=True):
             logs[f"{stage}/IoU/{name}"] = iou
