@@ -85,6 +85,15 @@ def test_bench_runs_seglight_and_the_raw_loop_interleaved(tmp_path, capsys):
     assert "training: seglight in Trainer.fit" in printed and "raw loop (UNet)" in printed
 
 
+def test_the_batch_size_is_spelled_as_for_fit():
+    from seglight.commands.bench import parse_args
+
+    args, overrides = parse_args([*TINY, "--data.batch_size", "8"])
+    assert args.batch_size == 8 and overrides["data"]["batch_size"] == 8
+    assert parse_args([*TINY, "--batch-size", "4"])[0].batch_size == 4  # the older spelling
+    assert parse_args(TINY)[0].batch_size == 2
+
+
 def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch):
     """Each peer's round runs between two of seglight's: the callback calls the peers at round
     boundaries inside Trainer.fit. The memory meter runs only in one extra pass after the timed

@@ -979,7 +979,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
     add("--model", help="architecture (see python -m seglight models)")
     add("--data", help="dataset whose training loader to measure (e.g. CamVid)")
     add("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="input size")
-    add("--batch-size", type=int, default=2, help="batch size of the model runs")
+    add("--batch-size", type=int, help="batch size of the model runs (default: --data.batch_size, "
+        "as fit spells it, else 2)")  # fmt: skip
     add("--num-classes", type=int, help="default: the data's, else 11")
     add("--precision", choices=sorted(PRECISIONS), help="default: bf16-mixed on a GPU, else 32")
     add("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N")
@@ -1031,6 +1032,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
             raise ConfigError(f"bench: {arg} needs a value")
         _set_dotted(overrides[group], key, yaml.safe_load(value))
         i += 1
+    if args.batch_size is None:  # `--data.batch_size 8` as for fit: the model runs' batch too
+        args.batch_size = int(overrides["data"].get("batch_size") or 2)
     return args, overrides
 
 
