@@ -184,6 +184,22 @@ def test_a_tested_run_keeps_its_test_score_beside_an_untested_one(tmp_path, runs
     assert "test mIoU %" not in table_rows(runs, "best_val")[0]
 
 
+def test_legends_do_not_repeat_a_sweep_name_and_one_point_starts_at_step_0(tmp_path):
+    from seglight.commands.compare import curves_figure, labels
+
+    for i, weights in enumerate([None, "median_frequency"]):
+        cfg = config("resnet18", [8, 8], f"r{i}")
+        cfg["model"]["init_args"]["class_weights"] = weights
+        run = make_run(tmp_path, f"v{i}", cfg, metrics(0.4, [0.1, 0.2, 0.3], history=False))
+        name = f"class_weights={'null' if weights is None else weights}"
+        (run / "sweep.json").write_text(json.dumps({"name": name}))
+    runs = load_runs([tmp_path / "v0", tmp_path / "v1"])
+    assert labels(runs) == ["class_weights=null", "class_weights=median_frequency"]
+    fig = curves_figure(runs)  # one validation each, at step 20
+    left, right = fig.axes[0].get_xlim()
+    assert left == 0 and right > 20
+
+
 def test_report_writes_csv_markdown_and_plots(runs_dir, tmp_path):
     runs = load_runs([runs_dir])
     files = report(runs, out=tmp_path / "out")

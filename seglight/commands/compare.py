@@ -230,9 +230,9 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return names
 
 
-def format_value(value: Any) -> str:
+def format_value(value: Any, none: str = "-") -> str:
     if value is None:
-        return "-"
+        return none
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -240,11 +240,11 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def settings(run: Run, keys: Sequence[str], short: dict[str, str]) -> str:
+def settings(run: Run, keys: Sequence[str], short: dict[str, str], none: str = "-") -> str:
     """`key=value` of the given config keys, two spaces apart, without spaces inside a value
     (so that a wrapped table cell or a legend breaks between settings, not inside one)."""
     return "  ".join(
-        f"{short[k]}={format_value(run.config.get(k)).replace(', ', ',').replace(': ', ':')}"
+        f"{short[k]}={format_value(run.config.get(k), none).replace(', ', ',').replace(': ', ':')}"
         for k in keys
     )
 
@@ -258,9 +258,16 @@ def labels(runs: Sequence[Run]) -> list[str]:
     values that differ between the runs when they are short enough for every run."""
     keys = differing_keys(runs)
     short = short_names(keys)
-    values = [settings(run, keys, short) for run in runs]
-    if keys and max(map(len, values)) <= LEGEND_SETTINGS_CHARS:
-        return [f"{run.name}: {v}" for run, v in zip(runs, values, strict=True)]
+    # a setting the name shows already (a sweep names its runs by their settings) is not
+    # repeated; null as in the config files and the sweep's names
+    values = [
+        settings(
+            run, [k for k in keys if f"{k.rsplit('.', 1)[-1]}=" not in run.name], short, "null"
+        )
+        for run in runs
+    ]
+    if any(values) and max(map(len, values)) <= LEGEND_SETTINGS_CHARS:
+        return [f"{run.name}: {v}" if v else run.name for run, v in zip(runs, values, strict=True)]
     return [run.name for run in runs]
 
 
@@ -469,6 +476,8 @@ def curves_figure(runs: Sequence[Run], metric: str = "mIoU"):
             steps, values = zip(*sorted(points), strict=True)
             ax.plot(steps, values, marker="o", markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.lines:  # from step 0: one validation is not drawn on an axis of 1.9 to 2.1
+        ax.set_xlim(left=0)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"val/{metric} %")
     ax.grid(alpha=0.3)
