@@ -30,8 +30,8 @@ class RichProgressBar(_RichProgressBar):
     once per validation, when the metric has been computed and synced already). Lightning's
     `v_num` is not shown, nor a last epoch with `max_epochs: -1` (no limit).
 
-    When stdout is not a terminal (`plain`: None decides so), the bar is replaced by plain lines
-    on stdout, flushed at once (rank zero):
+    When stdout is not a terminal nor Jupyter (`plain`: None decides so), the bar is replaced by
+    plain lines on stdout, flushed at once (rank zero):
 
         epoch 3/19  step 160  val/mIoU 0.2731  best 0.2731 (epoch 3)  val/loss 1.02  train loss 1.21 (sup 0.98, unsup 0.23, confident 0.41)  41.2 img/s  elapsed 0:02:13
 
@@ -73,7 +73,12 @@ class RichProgressBar(_RichProgressBar):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._plain = self.plain if self.plain is not None else not sys.stdout.isatty()
+        if self.plain is not None:
+            self._plain = self.plain
+        else:  # a file or pipe; Jupyter's output is no terminal either, but rich draws there
+            from rich import get_console
+
+            self._plain = not sys.stdout.isatty() and not get_console().is_jupyter
 
     def _get_train_description(self, current_epoch: int) -> str:
         epochs = self.trainer.max_epochs
