@@ -147,6 +147,24 @@ def test_semi_runs_record_their_loss_parts_in_the_history(redirected_fixmatch):
         assert train["loss"] == pytest.approx((train["loss_sup"] + train["loss_unsup"]) / 2)
 
 
+def test_train_means_continue_across_a_checkpoint():
+    from seglight.callbacks._common import TrainMeans
+
+    def step(means: TrainMeans, loss: float, confident: float) -> None:
+        logged = {"train/loss_step": torch.tensor(loss), "train/confident": torch.tensor(confident)}
+        logged["train/loss"] = logged["train/loss_step"]  # Lightning's two names, one tensor
+        means.update(SimpleNamespace(callback_metrics=logged))
+
+    straight, before = TrainMeans(), TrainMeans()
+    for means in (straight, before):
+        step(means, 1.0, 0.0)
+    resumed = TrainMeans()
+    resumed.load_state_dict(before.state_dict())  # a mid-epoch checkpoint, then a resume
+    for means in (straight, resumed):
+        step(means, 2.0, 0.5)
+    assert straight.pop() == resumed.pop() == {"loss": 1.5, "confident": 0.25}
+
+
 def test_the_bar_shows_the_loss_parts_in_a_terminal():
     from seglight.callbacks import RichProgressBar
 

@@ -105,6 +105,8 @@ def final_state(run_dir: Path) -> tuple[dict, dict]:
     """(metrics.json's training record, the last checkpoint's weights)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     record = {k: metrics[k] for k in ("val", "best_val", "history", "epoch", "step")}
+    for point in record["history"]:  # the time it took differs, everything else is exact
+        point.pop("wall_s", None)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return record, ckpt["state_dict"]
 

@@ -54,8 +54,22 @@ class TrainMeans:
                 continue
             self._seen[name] = value
             value = value.detach().float().reshape(())
-            self._sums[name] = self._sums[name] + value if name in self._sums else value
+            total = self._sums.get(name)
+            self._sums[name] = value if total is None else total.to(value.device) + value
             self._counts[name] = self._counts.get(name, 0) + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums and counts so far (for a checkpoint: a run resumed mid-way between two
+        validations continues them, so its means are those of the uninterrupted run)."""
+        return {
+            "sums": {n: v.detach().cpu() for n, v in self._sums.items()},
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = dict(state.get("sums") or {})
+        self._counts = dict(state.get("counts") or {})
+        self._seen = {}
 
     def pop(self) -> dict[str, float | None]:
         """{name: mean} since the last pop (the loss first, then as the model logs them), and

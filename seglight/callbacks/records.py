@@ -194,6 +194,12 @@ class MetricsSummary(L.Callback):
                 summary["history"] = [*history, {**point, "epoch": epoch, "step": step}]
         self._save(trainer, pl_module, summary)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_means": self._train.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train.load_state_dict(state_dict.get("train_means") or {})
+
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
