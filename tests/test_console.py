@@ -141,10 +141,10 @@ def test_semi_runs_record_their_loss_parts_in_the_history(redirected_fixmatch):
     assert [h["step"] for h in history] == [2, 4]
     for point in history:
         train = point["train"]  # the means of every train/* value over the steps since the last
-        assert set(train) == {"loss", "loss_sup", "loss_unsup", "confident"}, train
+        assert {"loss", "loss_sup", "loss_unsup", "confident"} <= set(train), train
         assert train["confident"] == 1.0  # threshold 0: every pseudo-label counts
-        # FixMatch's loss is the mean of its parts: the parts' means make the loss's mean
-        assert train["loss"] == pytest.approx((train["loss_sup"] + train["loss_unsup"]) / 2)
+        # FixMatch logs the parts' shares of its loss: their means add up to the loss's mean
+        assert train["loss"] == pytest.approx(train["loss_sup"] + train["loss_unsup"])
 
 
 def test_train_means_continue_across_a_checkpoint():
