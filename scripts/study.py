@@ -265,6 +265,23 @@ def at_fraction(history: list[dict], key: str, steps: int, fraction: float) -> f
     return points[-1][key] if points else None
 
 
+def flat_point(point: dict) -> dict[str, float]:
+    """A history point's numbers: the validation metrics, and the training means of each
+    train/* value the model logs (MetricsSummary's "train": {name: mean}) as train/<name>."""
+    flat = {}
+    for key, value in point.items():
+        if key in ("step", "epoch"):
+            continue
+        if isinstance(value, dict):
+            for name, v in value.items():
+                full = name if name.startswith(f"{key}/") else f"{key}/{name}"
+                if isinstance(v, int | float):
+                    flat[full] = v
+        elif isinstance(value, int | float):
+            flat[key] = value
+    return flat
+
+
 def summarise(run: Run, run_dir: Path, wall_s: float, command: str) -> tuple[dict, list[dict]]:
     """The CSV row and the curve rows of a finished run, from its metrics.json."""
     summary = json.loads((run_dir / "metrics.json").read_text())
@@ -303,8 +320,7 @@ def summarise(run: Run, run_dir: Path, wall_s: float, command: str) -> tuple[dic
             "value": value,
         }  # fmt: skip
         for h in history
-        for metric, value in h.items()
-        if metric not in ("step", "epoch") and isinstance(value, int | float)
+        for metric, value in flat_point(h).items()
     ]
     return row, curves
 

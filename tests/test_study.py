@@ -7,9 +7,12 @@ import csv
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, make_fake_camvid
+
+from seglight.data.camvid import CamVid
 
 
 def load(name: str):
@@ -45,7 +48,7 @@ def fake_run_dir(path, mious, steps, test=None):
             "epoch": i,
             "mIoU": m,
             "loss": 1.0 - m,
-            "train/confident": 0.1 * i,
+            "train": {"train/confident": 0.1 * i, "loss_sup": 0.5},
         }
         for i, m in enumerate(mious)
     ]
@@ -68,7 +71,8 @@ def test_summarise_reads_final_75_percent_and_test(study, tmp_path):
     assert row["val_mIoU_best"] == "40.20" and row["test_mIoU"] == "37.00"
     assert row["converged"] == "False"  # 40.2 vs 38.0 at 75%: more than 1 point apart
     assert row["labeled"] == "0.125" and row["seed"] == 1 and row["wall_s"] == "812"
-    assert {c["metric"] for c in curves} == {"mIoU", "loss", "train/confident"}
+    # MetricsSummary's training means ("train": {...}) become train/<name> curves
+    assert {c["metric"] for c in curves} == {"mIoU", "loss", "train/confident", "train/loss_sup"}
     assert len([c for c in curves if c["metric"] == "mIoU"]) == 20
 
 
@@ -87,7 +91,9 @@ def test_summarise_refuses_a_run_without_its_last_validation(study, tmp_path):
 
 
 def test_recorded_runs_are_skipped_and_rows_appended(study, tmp_path):
-    opts = study.argparse.Namespace(methods="supervised,fixmatch", labeled="0.125", steps=400)
+    opts = study.argparse.Namespace(
+        methods="supervised,fixmatch", labeled="0.125", steps=400, runs_dir=str(tmp_path)
+    )
     runs = study.semi_runs(opts, [0, 1], ["--data.root", "X"])
     assert [r.name for r in runs] == [
         "supervised-l0.125-s0", "supervised-l0.125-s1", "fixmatch-l0.125-s0", "fixmatch-l0.125-s1",
@@ -109,13 +115,22 @@ def test_recorded_runs_are_skipped_and_rows_appended(study, tmp_path):
         assert next(csv.reader(f)) == study.COLUMNS
 
 
-def test_no_method_runs_without_unlabelled_images(study):
-    opts = study.argparse.Namespace(methods=None, labeled="1.0,0.125", steps=None)
-    runs = study.semi_runs(opts, [0], [])
+def test_no_method_runs_without_unlabelled_images(study, tmp_path):
+    opts = study.argparse.Namespace(
+        methods=None, labeled="1.0,0.125", steps=None, runs_dir=str(tmp_path)
+    )
+    camvid = make_fake_camvid(tmp_path / "camvid")
+    runs = study.semi_runs(opts, [0], ["--data.root", str(camvid)])
     full = [r.method for r in runs if r.labeled == 1.0]
     assert full == ["supervised"]
     assert {r.steps for r in runs if r.labeled == 1.0} == {study.SEMI_STEPS[1.0]}
     assert len([r for r in runs if r.labeled == 0.125]) == len(study.SEMI_METHODS)
+    # DecoupledNet learns from image-level labels of every training image, from the masks
+    decoupled = next(r for r in runs if r.method == "decoupled").args
+    labels = json.loads(
+        Path(decoupled[decoupled.index("--data.init_args.image_labels") + 1]).read_text()
+    )
+    assert len(labels) == 6 and all(set(v) <= set(CamVid.class_names) for v in labels.values())
 
 
 def write_semi(render, rows):
