@@ -7,7 +7,9 @@ Image Segmentation"), in two forms:
   conv to the classes. 31.04M parameters at 64 base channels for 11 classes (paper: ~31M).
   Deviations, needed for seglight's contract and for training from scratch: "same" padding instead
   of the paper's unpadded convolutions (so the logits have the input's size, no overlap-tile), and
-  BatchNorm after each conv (``norm: false`` removes it, as in the paper).
+  BatchNorm after each conv (``norm: false`` removes it, as in the paper). Initialised as the
+  paper's Sec. 3 says: every weight N(0, 2/N), N the incoming nodes of a neuron (He's fan-in),
+  the 1x1 classifier included; biases 0.
 - ``encoder: <any timm model>`` (e.g. resnet34): the encoder's feature pyramid (timm
   features_only) with the same decoder, nearest-neighbour upsampling and decoder channels
   (256, 128, 64, 32, 16), as in segmentation_models.pytorch's Unet (24.4M parameters with resnet34).
@@ -17,6 +19,7 @@ Any input size works, odd ones included: each upsampling goes to the skip's exac
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -170,7 +173,6 @@ class UNetNetwork(nn.Module):
                     "the original U-Net encoder has no pretrained weights; use encoder_weights: null"
                 )
             self.encoder = UNetEncoder(in_channels, base_channels, norm=norm)
-            init_weights(self.encoder)
             decoder_channels = decoder_channels or self.encoder.channels[-2::-1]
             upsampling = upsampling or "transpose"
         else:
@@ -181,8 +183,17 @@ class UNetNetwork(nn.Module):
             upsampling = upsampling or "nearest"
         self.decoder = UNetDecoder(self.encoder.channels, list(decoder_channels), upsampling, norm)
         self.head = nn.Conv2d(decoder_channels[-1], num_classes, kernel_size=1)
-        init_weights(self.decoder)
-        init_classifier(self.head)
+        if encoder == "original":
+            # the paper's init (Sec. 3): every layer, the 1x1 classifier included, N(0, 2/N)
+            # with N the incoming nodes of a neuron (He et al.'s fan-in)
+            for part in (self.encoder, self.decoder, self.head):
+                init_weights(part, mode="fan_in")
+            for m in self.decoder.modules():  # a 2x2 stride-2 up-conv's output sees C_in inputs
+                if isinstance(m, nn.ConvTranspose2d):  # (torch's fan-in counts C_out k^2)
+                    nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.in_channels))
+        else:
+            init_weights(self.decoder)
+            init_classifier(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(x.shape[-2:])
