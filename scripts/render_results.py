@@ -108,22 +108,26 @@ def semi_table(rows: list[dict[str, str]]) -> str:
 
 
 def mask2former_table(rows: list[dict[str, str]]) -> str:
+    """The small Mask2Former beside the protocol's per-pixel network at full labels (the semi
+    study's supervised rows: the same protocol, budget and seeds)."""
+    baseline = [r for r in read("semi") if r["method"] == "supervised" and r["labeled"] == "1"]
     by = defaultdict(list)
-    for r in rows:
+    for r in [*baseline, *rows]:
         by[(r["method"], r["network"])].append(r)
     out = [
         "| model | seeds | val mIoU | test mIoU | converged | steps | wall per run (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (method, network), runs in sorted(by.items()):
-        val = [number(r["val_mIoU"]) for r in runs]
+    for (method, network), runs in sorted(by.items(), key=lambda kv: kv[0][0] != "supervised"):
+        val = [number(r["val_mIoU"]) for r in runs if number(r["val_mIoU"]) is not None]
         test = [number(r["test_mIoU"]) for r in runs if number(r["test_mIoU"]) is not None]
         wall = statistics.median(number(r["wall_s"]) for r in runs)
         converged = sum(r["converged"] == "True" for r in runs)
-        label = network if method == "supervised" else METHOD_NAMES.get(method, method)
+        label = f"{network} (per-pixel)" if method == "supervised" else METHOD_NAMES[method]
+        steps = ",".join(sorted({r["steps"] for r in runs}))
         out.append(
-            f"| {label} | {len(runs)} | {mean_sd([v for v in val if v is not None])} | "
-            f"{mean_sd(test)} | {converged}/{len(runs)} | {runs[0]['steps']} | {wall:.0f} |"
+            f"| {label} | {len(runs)} | {mean_sd(val)} | {mean_sd(test)} | "
+            f"{converged}/{len(runs)} | {steps} | {wall:.0f} |"
         )
     return "\n".join(out)
 

@@ -285,14 +285,14 @@ def test_predict_a_folder_of_images_writes_masks_and_overlays(trained_run, tmp_p
         "--data", "Images", "--data.root", str(photos), "--data.like", "CamVid",
         "--model.inference.flip", "true",
     )  # fmt: skip
-    written = sorted(p.stem for p in (out / "predictions").glob("*.png"))
+    written = sorted(p.stem for p in (out / "predictions_1").glob("*.png"))
     assert written == ["a", "b", "c", "d"]
     model = UNet.load_from_checkpoint(ckpt, map_location="cpu").eval()
     from seglight.data.base import read_image
     from seglight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     for name, (h, w) in sizes.items():
-        with Image.open(out / "predictions" / f"{name}.png") as im:
+        with Image.open(out / "predictions_1" / f"{name}.png") as im:
             assert im.mode == "P" and im.size == (w, h)
             assert im.getpalette()[3 * 3 : 3 * 4] == [128, 64, 128]  # CamVid's Road colour
             mask = np.array(im)
@@ -301,9 +301,10 @@ def test_predict_a_folder_of_images_writes_masks_and_overlays(trained_run, tmp_p
         with torch.no_grad():
             expected = predict_probs(model, image[None], InferenceConfig(flip=True))[0].argmax(0)
         assert (torch.from_numpy(mask).long() == expected).float().mean() > 0.99
-        with Image.open(out / "predictions" / "overlays" / f"{name}.jpg") as ov:
-            assert ov.size == (2 * w, h)
-            left = np.asarray(ov)[:, :w].astype(int)
+        with Image.open(out / "predictions_1" / "overlays" / f"{name}.jpg") as ov:
+            # the image beside its prediction, a legend of the classes shown below them
+            assert ov.width == 2 * w and ov.height > h
+            left = np.asarray(ov)[:h, :w].astype(int)
         original = np.asarray(Image.open(photos / f"{name}.jpg")).astype(int)
         assert np.abs(left - original).mean() < 12  # the left half is the image (JPEG twice)
 
@@ -344,11 +345,11 @@ def test_predict_on_a_dataset_split_writes_overlays_beside_masks(
         "predict", "--data.root", str(root), "--ckpt_path", str(ckpt),
         "--trainer.default_root_dir", str(out),
     )  # fmt: skip
-    masks = sorted(p.stem for p in (out / "predictions").glob("*.png"))
-    overlays = sorted(p.stem for p in (out / "predictions" / "overlays").glob("*.jpg"))
+    masks = sorted(p.stem for p in (out / "predictions_1").glob("*.png"))
+    overlays = sorted(p.stem for p in (out / "predictions_1" / "overlays").glob("*.jpg"))
     assert masks == overlays == sorted(p.stem for p in (root / "test").iterdir())
-    with Image.open(out / "predictions" / "overlays" / f"{overlays[0]}.jpg") as ov:
-        assert ov.size == (64, 24)
+    with Image.open(out / "predictions_1" / "overlays" / f"{overlays[0]}.jpg") as ov:
+        assert ov.width == 64 and ov.height > 24  # image | prediction, legend below
 
 
 def test_same_size_batch_sampler_groups_by_size_in_order():
