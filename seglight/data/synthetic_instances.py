@@ -15,15 +15,19 @@ augmented by WithInstances, so a flip moves image, semantic mask, instance masks
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
 
-from seglight.data.base import SegmentationDataModule
 from seglight.data.instances import InstanceData
-from seglight.data.synthetic import SPLIT_SEEDS, _hue_to_rgb
+from seglight.data.synthetic import (
+    SPLIT_SEEDS,
+    Synthetic,
+    _hue_to_rgb,
+    gradient_background,
+    shape_mask,
+)
 from seglight.data.transforms import WithInstances, instance_targets
 from seglight.errors import DataError
 
@@ -35,16 +39,6 @@ TRIES = 20
 HUES = (0.0, 0.33, 0.62)
 
 
-def _shape(cls: int, dy: torch.Tensor, dx: torch.Tensor, r: float) -> torch.Tensor:
-    """Where shape `cls` (1 disc, 2 square, 3 triangle) of radius r lies, at offsets dy, dx from
-    its centre: bool [H, W]."""
-    if cls == 1:
-        return dy**2 + dx**2 <= r**2
-    if cls == 2:
-        return (dy.abs() <= r * 0.85) & (dx.abs() <= r * 0.85)
-    return (dy <= r * 0.7) & (dy >= -r) & (dx.abs() <= (dy + r) * 0.6)  # pointing up
-
-
 def make_instances(
     size: tuple[int, int], seed: int, max_instances: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,13 +46,7 @@ def make_instances(
     masks uint8 [N, H, W] (0/1, disjoint) and labels int64 [N] (1..3), 1 <= N <= max_instances."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
-    yy, xx = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-    )
-    c0, c1 = torch.rand(3, generator=g) * 0.35, torch.rand(3, generator=g) * 0.35
-    angle = torch.rand((), generator=g) * 2 * math.pi
-    t = ((xx / w) * torch.cos(angle) + (yy / h) * torch.sin(angle)).clamp(0, 1)
-    image = c0.view(3, 1, 1) * (1 - t) + c1.view(3, 1, 1) * t
+    image, yy, xx = gradient_background(size, g, brightness=0.35)
     mask = torch.zeros(h, w, dtype=torch.uint8)
     taken = torch.zeros(h, w, dtype=torch.bool)  # the shapes' boxes, grown by GAP
     masks, labels = [], []
@@ -71,7 +59,7 @@ def make_instances(
             cy, cx = (
                 r + torch.rand(2, generator=g) * torch.tensor([h - 2 * r, w - 2 * r])
             ).tolist()
-            inside = _shape(cls, yy - cy, xx - cx, r)
+            inside = shape_mask(cls, yy - cy, xx - cx, r)
             rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
             if len(rows) == 0:
                 continue
@@ -124,39 +112,27 @@ class SyntheticInstancesDataset(Dataset):
         }
 
 
-class SyntheticInstances(InstanceData, SegmentationDataModule):
+class SyntheticInstances(InstanceData, Synthetic):
     """Procedural instances (discs, squares, triangles on a noisy background); no files.
 
     Args:
-        num_train: training samples; num_val / num_test likewise.
-        image_size: (H, W) of every sample.
         max_instances: at most this many shapes per image (at least one; fewer when they do not
             fit without touching).
-        **kwargs: batch size, workers and augmentation: see SegmentationDataModule.
+        **kwargs: the sizes as Synthetic's (num_train, num_val, num_test, image_size: (H, W), at
+            least 16 x 16); batch size, workers and augmentation: see SegmentationDataModule.
     """
 
-    class_names: ClassVar[tuple[str, ...]] = ("background", "disc", "square", "triangle")
-    palette: ClassVar[tuple[tuple[int, int, int], ...]] = (
-        (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200),
-    )  # fmt: skip
+    class_names: ClassVar[tuple[str, ...]] = Synthetic.class_names[:4]  # no ring
+    palette: ClassVar[tuple[tuple[int, int, int], ...]] = Synthetic.palette[:4]
 
-    def __init__(
-        self,
-        num_train: int = 512,
-        num_val: int = 64,
-        num_test: int = 64,
-        image_size: tuple[int, int] = (64, 64),
-        max_instances: int = 4,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("num_workers", 0)
+    def __init__(self, max_instances: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if len(image_size) != 2 or min(image_size) < 16:
-            raise DataError(f"image_size must be [height, width], each >= 16, got {image_size}")
+        if len(self.image_size) != 2 or min(self.image_size) < 16:
+            raise DataError(
+                f"image_size must be [height, width], each >= 16, got {list(self.image_size)}"
+            )
         if max_instances < 1:
             raise DataError(f"max_instances must be >= 1, got {max_instances}")
-        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.image_size = tuple(image_size)
         self.max_instances = max_instances
 
     def build_dataset(self, split: str, train: bool) -> SyntheticInstancesDataset:
