@@ -137,7 +137,7 @@ def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
 
 
 def maskrcnn_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
-    steps = opts.steps or 3000
+    steps = opts.steps or 1200  # experiments/cpu/maskrcnn_synthetic.yaml's header: the probe
     return [
         Run(
             "maskrcnn",

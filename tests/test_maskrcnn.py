@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,6 +307,9 @@ def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
     summary = json.loads((run_dir / "metrics.json").read_text())
     for key in ("mIoU", "mask_mAP", "mask_mAP50", "bbox_mAP", "bbox_mAP75", "mask_mAP_small"):
         assert key in summary["val"], key
+    # the history records AP at each validation; the best is chosen on mask AP
+    assert {"mask_mAP", "mask_mAP50", "mIoU", "step"} <= set(summary["history"][-1])
+    assert summary["best_val"]["monitor"] == "val/mask_mAP"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     out = tmp_path / "predictions"
     run(["predict", *common, "--ckpt_path", str(ckpt), "--model.semantic_score_thresh", "0.0",
@@ -331,6 +335,59 @@ def test_cli_fit_predict_on_tiny_coco_and_test_on_folder(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "t" / "metrics.json").read_text())
     test = next(e["metrics"] for e in summary["evaluations"] if e["stage"] == "test")
     assert {"mask_AP/cell", "mask_AP/nucleus", "bbox_AP/cell", "mIoU"} <= set(test)
+
+
+def test_instance_models_choose_their_best_checkpoint_on_mask_map(tmp_path):
+    import lightning as L
+    import yaml
+
+    from seglight.callbacks import ModelCheckpoint
+    from seglight.callbacks.checkpoints import best_metric
+
+    defaults = yaml.safe_load((REPO / "experiments" / "defaults.yaml").read_text())
+    (options,) = [
+        c["init_args"]
+        for c in defaults["trainer"]["callbacks"]
+        if "ModelCheckpoint" in c["class_path"]
+    ]
+    assert options["monitor"] == "auto" and "mode" not in options and "filename" not in options
+    checkpoint = ModelCheckpoint(**options)
+    trainer = L.Trainer(
+        default_root_dir=str(tmp_path), callbacks=[checkpoint], logger=False, accelerator="cpu"
+    )
+    model = MaskRCNN(num_classes=3, **SMALL)
+    checkpoint.setup(trainer, model, "fit")
+    assert (checkpoint.monitor, checkpoint.mode) == ("val/mask_mAP", "max")
+    assert checkpoint.filename == "epoch{epoch:03d}-mask_map{val/mask_mAP:.4f}"
+    assert best_metric(trainer, model) == ("val/mask_mAP", "max")  # best_val's, the summary's
+
+
+@pytest.mark.slow
+def test_study_config_chooses_on_mask_map_and_records_its_curve(tmp_path, capsys):
+    """experiments/cpu/maskrcnn_synthetic.yaml as scripts/study.py runs it (step-based validation,
+    max_epochs -1): the best checkpoint and best_val are chosen on val/mask_mAP, and the history
+    holds mask_mAP and mask_mAP50 at every validation."""
+    run_dir = tmp_path / "run"
+    cli = run(
+        ["fit", "--config", str(REPO / "experiments" / "cpu" / "maskrcnn_synthetic.yaml"),
+         *SMALL_ARGS, "--data.num_val", "2", "--data.image_size", "[48, 48]",
+         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+         "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(run_dir)]
+    )  # fmt: skip
+    checkpoint = cli.trainer.checkpoint_callback
+    assert (checkpoint.monitor, checkpoint.mode) == ("val/mask_mAP", "max")
+    assert Path(checkpoint.best_model_path).name.startswith("epoch000-mask_map")
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    history = summary["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert all(h["mask_mAP"] is not None and h["mask_mAP50"] is not None for h in history)
+    best = summary["best_val"]
+    assert best["monitor"] == "val/mask_mAP"
+    assert best["mask_mAP"] == max(h["mask_mAP"] for h in history)
+    assert float(checkpoint.best_model_score) == pytest.approx(best["mask_mAP"])
+    assert f"best val/mask_mAP  {best['mask_mAP']:.4f}" in capsys.readouterr().err
 
 
 def test_maskrcnn_on_semantic_data_is_a_clear_error(tmp_path):

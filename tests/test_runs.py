@@ -116,6 +116,38 @@ def test_last_checkpoint_is_no_second_copy_of_the_best_one(tmp_path):
     assert again.global_step == 6
 
 
+# ----------------------------------------------------------------------------- the best checkpoint
+def test_auto_monitor_is_the_models_own_metric_and_names_the_files(tmp_path):
+    from seglight.data import Synthetic
+    from seglight.models import UNet
+
+    dm = Synthetic(num_train=4, num_val=2, num_test=1, image_size=(32, 32), batch_size=2)
+    model = UNet(num_classes=dm.num_classes, encoder="original", base_channels=4)
+    checkpoint = ModelCheckpoint(monitor="auto", save_last=True)
+    assert checkpoint.mode == "max"
+    trainer(tmp_path, max_epochs=1, callbacks=[checkpoint]).fit(model, dm)
+    assert (checkpoint.monitor, checkpoint.mode) == ("val/mIoU", "max")
+    assert Path(checkpoint.best_model_path).name.startswith("epoch000-miou")
+    best = json.loads((tmp_path / "metrics.json").read_text())["best_val"]
+    assert best["monitor"] == "val/mIoU" and best["epoch"] == 0 and best["step"] == 2
+    # an explicit metric keeps Lightning's defaults (mode "min", epoch=N-step=M files)
+    explicit = ModelCheckpoint(monitor="val/loss")
+    assert (explicit.monitor, explicit.mode, explicit.filename) == ("val/loss", "min", None)
+
+
+def test_best_val_follows_the_choosing_metric_and_its_mode():
+    from seglight.callbacks.records import _better
+
+    best = {"mask_mAP": 0.5, "mIoU": 0.9, "monitor": "val/mask_mAP"}
+    assert _better({"mask_mAP": 0.6, "mIoU": 0.1}, best, "val/mask_mAP", "max")
+    assert not _better({"mask_mAP": 0.5, "mIoU": 0.95}, best, "val/mask_mAP", "max")  # a tie
+    assert not _better({"mask_mAP": None}, best, "val/mask_mAP", "max")
+    assert _better({"loss": 0.2}, {"loss": 0.3, "monitor": "val/loss"}, "val/loss", "min")
+    # a best_val of another metric (or written before best_val named one: val/mIoU) is replaced
+    assert _better({"mask_mAP": 0.1}, {"mIoU": 0.9}, "val/mask_mAP", "max")
+    assert not _better({"mIoU": 0.8}, {"mIoU": 0.9}, "val/mIoU", "max")
+
+
 # ----------------------------------------------------------------------------- NaN / Inf
 def test_a_non_finite_loss_stops_training_before_any_checkpoint(tmp_path):
     dm = tiny_camvid(tmp_path / "camvid")

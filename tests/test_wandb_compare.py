@@ -204,7 +204,7 @@ def test_config_group_job_type_and_tags(offline_fit):
     assert config["model.encoder"] == "original" and config["model.base_channels"] == 4
     assert config["model.loss"] == "{ce: 1.0, dice: 0.5}"
     assert config["data.image_size"] == [32, 32] and config["trainer.max_steps"] == 4
-    assert config["trainer.callbacks.ModelCheckpoint.monitor"] == "val/mIoU"
+    assert config["trainer.callbacks.ModelCheckpoint.monitor"] == "auto"  # the model's: val/mIoU
     if git_revision():
         assert config["git.commit"] == git_revision()["commit"]
 

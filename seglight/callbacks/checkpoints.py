@@ -18,6 +18,28 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from seglight.utils import atomic_open, remove_stale_temporaries
 
+#: `monitor: auto`: the model's own validation metric (SegmentationModel.checkpoint_monitor)
+AUTO = "auto"
+#: what a model that declares no metric is chosen on
+DEFAULT_MONITOR = ("val/mIoU", "max")
+
+
+def model_monitor(pl_module: L.LightningModule) -> tuple[str, str]:
+    """The validation metric a model declares to choose its best checkpoint on, and its mode
+    ("max" or "min"): val/mIoU (max) unless the model says otherwise (Mask R-CNN: val/mask_mAP)."""
+    return tuple(getattr(pl_module, "checkpoint_monitor", DEFAULT_MONITOR))  # type: ignore[return-value]
+
+
+def best_metric(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str, str]:
+    """The metric that chooses the run's best checkpoint, and its mode: the checkpoint callback's
+    monitor when it is a validation metric, else the model's own (model_monitor). metrics.json's
+    best_val and the end-of-fit summary follow it."""
+    callback = trainer.checkpoint_callback
+    monitor = getattr(callback, "monitor", None)
+    if isinstance(monitor, str) and monitor.startswith("val/"):
+        return monitor, callback.mode  # type: ignore[union-attr]
+    return model_monitor(pl_module)
+
 
 class ModelCheckpoint(_ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving to <run dir>/checkpoints by default (so that
@@ -32,11 +54,46 @@ class ModelCheckpoint(_ModelCheckpoint):
     two names; U-Net R34's is about 280 MB): written atomically like every checkpoint, later
     rewrites of last.ckpt replace the name, never the best checkpoint's content. (Only with
     AtomicCheckpointIO, which never writes into an existing file, and on filesystems with hard
-    links; a copy is written otherwise.)"""
+    links; a copy is written otherwise.)
+
+    `monitor: auto` (experiments/defaults.yaml) monitors the model's own metric
+    (SegmentationModel.checkpoint_monitor: val/mIoU, max; val/mask_mAP, max for instance models),
+    resolved when the Trainer sets the callback up; `mode` then defaults to the model's, and
+    `filename` to epochNNN-<metric><value> (epoch012-miou0.6512.ckpt,
+    epoch012-mask_map0.4230.ckpt). An explicit monitor keeps Lightning's defaults (mode "min",
+    filename epoch=N-step=M)."""
+
+    def __init__(
+        self,
+        monitor: str | None = None,
+        mode: str | None = None,
+        filename: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._auto = monitor == AUTO
+        self._auto_mode = mode is None
+        self._auto_filename = filename is None and self._auto
+        # until setup, an auto monitor stands as the default one (Lightning checks top-k with it)
+        super().__init__(
+            monitor=DEFAULT_MONITOR[0] if self._auto else monitor,
+            mode=mode or (DEFAULT_MONITOR[1] if self._auto else "min"),
+            filename=filename,
+            **kwargs,
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        if self._auto:
+            metric, mode = model_monitor(pl_module)
+            self.monitor = metric
+            if self._auto_mode:
+                self.mode = mode
+                self.kth_value = torch.tensor(-torch.inf if mode == "max" else torch.inf)
+            if self._auto_filename:
+                tag = metric.rsplit("/", 1)[-1].lower()
+                self.filename = f"epoch{{epoch:03d}}-{tag}{{{metric}:.4f}}"
+                self.auto_insert_metric_name = False  # its "/" would make a folder
         super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

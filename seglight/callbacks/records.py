@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from seglight.callbacks._common import TrainMeans, _scalar
+from seglight.callbacks.checkpoints import best_metric
 from seglight.utils import atomic_write_json, git_revision
 
 
@@ -21,12 +22,16 @@ class MetricsSummary(L.Callback):
     (rank zero):
 
     {"model": ..., "data": ..., "params": ..., "git": {...}, "val": {metric: value}, "best_val":
-    {... of the epoch with the best val/mIoU}, "epoch": ..., "step": ...,
-    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss", "wall_s", "train"} for each
-    validation; wall_s: seconds since the fit started, sanity check included, continued across a
-    resume; train: {name: mean} of every scalar train/<name> the model logs per step (the loss,
-    a method's loss parts, confident fraction, discriminator accuracy, ...) over the training
-    steps since the previous validation, i.e. the epoch's means with one validation per epoch],
+    {... of the validation with the best value of the metric that chooses the best checkpoint,
+    "epoch", "step", "monitor": that metric (val/mIoU; val/mask_mAP for instance models; see
+    seglight.callbacks.checkpoints.best_metric)}, "epoch": ..., "step": ...,
+    "history": [{"epoch", "step", "mIoU", "acc", "mAcc", "loss", "wall_s", "train", and every
+    other summary metric of the validation (not per class: "mask_mAP", "mask_mAP50", ... for
+    instance models)} for each validation; wall_s: seconds since the fit started, sanity check
+    included, continued across a resume; train: {name: mean} of every scalar train/<name> the
+    model logs per step (the loss, a method's loss parts, confident fraction, discriminator
+    accuracy, ...) over the training steps since the previous validation, i.e. the epoch's means
+    with one validation per epoch],
     "throughput": {"train_images_per_s", "train_images", "train_seconds"},
     "memory": {"activations_mb", "batch_size", "peak_cuda_mb"}, "class_names": [...],
     "evaluations": [{"stage", "checkpoint", "checkpoint_epoch", "checkpoint_step", "inference",
@@ -176,13 +181,13 @@ class MetricsSummary(L.Callback):
         if stage == "val":
             epoch, step = trainer.current_epoch, trainer.global_step
             summary.update(epoch=epoch, step=step)
-            best = summary.get("best_val") or {}
-            # strictly better, as ModelCheckpoint decides: on a tie the first epoch stays the
-            # best, so best_val describes the best checkpoint
-            if values.get("mIoU") is not None and values["mIoU"] > (best.get("mIoU") or -1):
-                summary["best_val"] = {**values, "epoch": epoch}
+            metric, mode = best_metric(trainer, pl_module)
+            if _better(values, summary.get("best_val") or {}, metric, mode):
+                summary["best_val"] = {**values, "epoch": epoch, "step": step, "monitor": metric}
             if trainer.state.fn == "fit":
                 point = {k: values.get(k) for k in ("mIoU", "acc", "mAcc", "loss")}
+                # and every other summary metric (mask_mAP, mask_mAP50, ...): not per class
+                point.update((k, v) for k, v in values.items() if "/" not in k)
                 if self._wall_start is not None:  # seconds since the fit started
                     wall = self._wall_offset + time.perf_counter() - self._wall_start
                     point["wall_s"] = round(wall, 2)
@@ -253,6 +258,21 @@ class MetricsSummary(L.Callback):
 #: the Trainer attribute where the CLI notes the config file of an evaluation (validate, test,
 #: predict): config_<stage>_<n>.yaml in the run directory
 EVALUATION_CONFIG_ATTR = "seglight_config_file"
+
+
+def _better(values: dict[str, Any], best: dict[str, Any], metric: str, mode: str) -> bool:
+    """Whether a validation's `values` beat `best` (best_val) on `metric` ("val/mask_mAP"):
+    strictly, as ModelCheckpoint decides, so that on a tie the first stays the best and best_val
+    describes the best checkpoint. A best_val chosen on another metric (or written before
+    best_val named its metric: val/mIoU) is replaced."""
+    key = metric.removeprefix("val/")
+    current = values.get(key)
+    if current is None:
+        return False
+    previous = best.get(key) if best.get("monitor", "val/mIoU") == metric else None
+    if previous is None:
+        return True
+    return current > previous if mode == "max" else current < previous
 
 
 def _summary_path(trainer: L.Trainer) -> Path:

@@ -680,7 +680,8 @@ def _wandb_line(logger: Any) -> str | None:
 
 
 def fit_summary(trainer, command: list[str]) -> str:
-    """The lines printed at the end of `fit`: best val/mIoU and its epoch, the best checkpoint,
+    """The lines printed at the end of `fit`: the best value of the metric that chose the best
+    checkpoint (val/mIoU; val/mask_mAP for instance models) and its epoch, that checkpoint,
     the run directory, and the command that tests it (`command`: the fit's, as typed)."""
     from seglight.callbacks.records import _read_summary
 
@@ -696,7 +697,7 @@ def fit_summary(trainer, command: list[str]) -> str:
     ]
     best_val = _read_summary(trainer).get("best_val") or {}
     if score is not None:
-        epoch = best_val.get("epoch") if monitor == "val/mIoU" else None
+        epoch = best_val.get("epoch") if best_val.get("monitor", "val/mIoU") == monitor else None
         at = f" at epoch {epoch}" if epoch is not None else ""
         lines.append(f"  best {monitor}  {float(score):.4f}{at}")
     else:

@@ -13,6 +13,7 @@ from seglight.data.nyudv2 import NYUDv2
 from seglight.data.semi import SemiSupervised
 from seglight.data.sunrgbd import SUNRGBD
 from seglight.data.synthetic import Synthetic
+from seglight.data.synthetic_instances import SyntheticInstances
 from seglight.data.voc import VOC
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "SegmentationDataset",
     "SemiSupervised",
     "Synthetic",
+    "SyntheticInstances",
     "VOC",
 ]

@@ -25,36 +25,48 @@ def _hue_to_rgb(h: torch.Tensor) -> torch.Tensor:
     return 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
+def gradient_background(
+    size: tuple[int, int], g: torch.Generator, brightness: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random linear gradient between two dark colours (each channel below `brightness`):
+    image float [3, H, W] in [0, 1], and the pixel grid's row and column coordinates [H, W]."""
+    h, w = size
+    yy, xx = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
+    )
+    c0, c1 = torch.rand(3, generator=g) * brightness, torch.rand(3, generator=g) * brightness
+    angle = torch.rand((), generator=g) * 2 * math.pi
+    t = ((xx / w) * torch.cos(angle) + (yy / h) * torch.sin(angle)).clamp(0, 1)
+    return c0.view(3, 1, 1) * (1 - t) + c1.view(3, 1, 1) * t, yy, xx
+
+
+def shape_mask(kind: int, dy: torch.Tensor, dx: torch.Tensor, r: float) -> torch.Tensor:
+    """Where shape `kind` (1 disc, 2 axis-aligned square, 3 triangle pointing up, 4 ring) of
+    radius r lies, at offsets dy, dx [H, W] from its centre: bool [H, W]."""
+    if kind == 1:
+        return dy**2 + dx**2 <= r**2
+    if kind == 2:
+        return (dy.abs() <= r * 0.85) & (dx.abs() <= r * 0.85)
+    if kind == 3:
+        return (dy <= r * 0.7) & (dy >= -r) & (dx.abs() <= (dy + r) * 0.6)
+    d2 = dy**2 + dx**2
+    return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+
+
 def make_shapes(
     size: tuple[int, int], seed: int, max_shapes: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One synthetic sample: image uint8 [3, H, W] and mask uint8 [H, W] (0 = background)."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
-    yy, xx = torch.meshgrid(
-        torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij"
-    )
-    # background: a random linear gradient between two dark/desaturated colours
-    c0, c1 = torch.rand(3, generator=g) * 0.5, torch.rand(3, generator=g) * 0.5
-    angle = torch.rand((), generator=g) * 2 * math.pi
-    t = ((xx / w) * torch.cos(angle) + (yy / h) * torch.sin(angle)).clamp(0, 1)
-    image = c0.view(3, 1, 1) * (1 - t) + c1.view(3, 1, 1) * t
+    image, yy, xx = gradient_background(size, g)
     mask = torch.zeros(h, w, dtype=torch.uint8)
     n = int(torch.randint(1, max_shapes + 1, (), generator=g))
     for _ in range(n):
         cls = int(torch.randint(1, 5, (), generator=g))
         cy, cx = (torch.rand(2, generator=g) * torch.tensor([h, w])).tolist()
         r = float(min(h, w) * (0.08 + 0.14 * torch.rand((), generator=g)))
-        dy, dx = yy - cy, xx - cx
-        if cls == 1:  # disc
-            inside = dy**2 + dx**2 <= r**2
-        elif cls == 2:  # square (axis-aligned)
-            inside = (dy.abs() <= r * 0.85) & (dx.abs() <= r * 0.85)
-        elif cls == 3:  # triangle pointing up
-            inside = (dy <= r * 0.7) & (dy >= -r) & (dx.abs() <= (dy + r) * 0.6)
-        else:  # ring
-            d2 = dy**2 + dx**2
-            inside = (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+        inside = shape_mask(cls, yy - cy, xx - cx, r)
         hue = (cls - 1) / 4 + 0.18 * torch.randn((), generator=g)
         colour = _hue_to_rgb(hue % 1.0) * (0.6 + 0.4 * torch.rand((), generator=g))
         image = torch.where(inside, colour.view(3, 1, 1), image)

@@ -145,6 +145,10 @@ class SegmentationModel(L.LightningModule):
     #: trained from instance targets (batch["instances"]) by its own training_step rather than
     #: from logits and the semantic mask (Mask R-CNN); generic loss-from-logits tests skip it
     instance_model: ClassVar[bool] = False
+    #: the validation metric that chooses the best checkpoint (seglight's ModelCheckpoint with
+    #: `monitor: auto`, the defaults' setting) and metrics.json's best_val, and whether higher
+    #: ("max") or lower ("min") is better; instance models choose on mask AP
+    checkpoint_monitor: ClassVar[tuple[str, str]] = ("val/mIoU", "max")
     #: False for a model whose training objective is not `loss` on its logits (DecoupledNet:
     #: image-level BCE plus per-class figure-ground losses; its logits are log-probabilities of
     #: the detected classes only): the registry's initial-loss check does not apply to it

@@ -26,9 +26,10 @@ excludes them), so a detection on a crowd counts as a false positive where COCOe
 it; AP on COCO val2017 is therefore slightly lower than the official figure.
 
 Data: class 0 is the background (torchvision's convention too); the DataModule must carry
-instances (COCOInstances, CityscapesInstances, FolderInstances). Images arrive normalised by the
-DataModule, so the detector's own normalisation is the identity; it resizes images to `min_size`
-/ `max_size` (the paper: shorter side 800, longer at most 1333) and maps its outputs back.
+instances (COCOInstances, CityscapesInstances, FolderInstances, SyntheticInstances). Images
+arrive normalised by the DataModule, so the detector's own normalisation is the identity; it
+resizes images to `min_size` / `max_size` (the paper: shorter side 800, longer at most 1333) and
+maps its outputs back.
 """
 
 from __future__ import annotations
@@ -344,11 +345,11 @@ def load_coco_weights(detector: nn.Module, path: str | Path, class_names: list[s
 class MaskRCNN(SegmentationModel):
     """Mask R-CNN (He et al., ICCV 2017) on torchvision's ResNet-50-FPN v2, or a timm encoder.
 
-    Trains on instance data (COCOInstances, CityscapesInstances, FolderInstances) with the sum of
-    torchvision's loss dict (each term logged: train/loss_classifier, train/loss_box_reg,
-    train/loss_mask, train/loss_objectness, train/loss_rpn_box_reg); is scored by the semantic
-    metrics of every model (val/mIoU, ... from `instances_to_semantic`) and by COCO box and mask
-    AP (val/mask_mAP, val/mask_mAP50, val/mask_mAP75, val/mask_mAP_small/medium/large, the same
+    Trains on instance data (COCOInstances, CityscapesInstances, FolderInstances,
+    SyntheticInstances) with the sum of torchvision's loss dict (each term logged:
+    train/loss_classifier, train/loss_box_reg, train/loss_mask, train/loss_objectness,
+    train/loss_rpn_box_reg); is scored by the semantic metrics of every model (val/mIoU, ...
+    from `instances_to_semantic`) and by COCO box and mask AP (val/mask_mAP, val/mask_mAP50, val/mask_mAP75, val/mask_mAP_small/medium/large, the same
     as val/bbox_*; per class at test: test/mask_AP/<class>), torchmetrics' MeanAveragePrecision
     with the pycocotools backend, over the images of every DDP rank. The semantic-loss options of the base
     model (loss, class_weights, aux_weight, ...) do not apply.
@@ -374,6 +375,8 @@ class MaskRCNN(SegmentationModel):
     #: trained from instance targets by its own training_step, not from logits and a semantic
     #: mask: the registry's generic loss-from-logits test skips it (tests/test_models.py)
     instance_model: ClassVar[bool] = True
+    #: the best checkpoint is the best COCO mask AP (val/mIoU scores only the painted semantic map)
+    checkpoint_monitor: ClassVar[tuple[str, str]] = ("val/mask_mAP", "max")
 
     def __init__(
         self,
@@ -446,7 +449,7 @@ class MaskRCNN(SegmentationModel):
         if instances is None:
             raise ConfigError(
                 "MaskRCNN trains on instance data, whose batches carry `instances`: use "
-                "COCOInstances, CityscapesInstances or FolderInstances as --data"
+                "COCOInstances, CityscapesInstances, FolderInstances or SyntheticInstances as --data"
             )
         return [
             {"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"]} for t in instances
@@ -567,7 +570,7 @@ class MaskRCNN(SegmentationModel):
         if stage == "fit" and dm is not None and not getattr(dm, "has_instances", False):
             raise ConfigError(
                 f"MaskRCNN trains on instance data; {type(dm).__name__} has no instances: use "
-                "COCOInstances, CityscapesInstances or FolderInstances as --data"
+                "COCOInstances, CityscapesInstances, FolderInstances or SyntheticInstances as --data"
             )
 
 
