@@ -167,8 +167,9 @@ class SafeCheckpoints(L.Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        self._loader_states = loop.get("combined_loader")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        finish_saved_epoch(fit_loop)
+        self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resume_loader(trainer)
@@ -211,6 +212,48 @@ class SafeCheckpoints(L.Callback):
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if fetcher is not None:
             iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)
+
+
+def finish_saved_epoch(fit_loop: dict[str, Any]) -> None:
+    """Turn the fit loop's state of a checkpoint written at an epoch's end (in
+    `on_train_epoch_end`, ModelCheckpoint's default: the epoch counted `processed`, not yet
+    `completed`) into the state at the next epoch's start, in place.
+
+    Lightning resumes such a checkpoint by finishing the epoch again when training is
+    iteration-based (`max_steps` set: the loops then always "restart"): it counts the epoch
+    `processed` a second time, so every later epoch gives its samplers an epoch one ahead of
+    the Trainer's (a different order and augmentation than the uninterrupted run) and
+    `max_epochs` stops one epoch early. With `max_epochs` alone it just marks the epoch
+    completed. Marking it completed here, with the batch counters at an epoch's start, makes
+    both resume as the uninterrupted run continued: at the next epoch's first batch.
+    """
+    epochs = fit_loop.get("epoch_progress")
+    batches = fit_loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    total = epochs["total"]
+    ended = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+    if not ended:
+        return
+    for counts in (epochs["total"], epochs["current"]):
+        counts["completed"] = counts["processed"]
+
+    def zero(progress: dict[str, Any] | None, *parts: str) -> None:
+        for part in parts:
+            for key in (progress or {}).get(part, {}):
+                progress[part][key] = 0
+
+    # what the epoch loop's reset does at an epoch's start (the totals keep counting)
+    batches["is_last_batch"] = False
+    zero(batches, "current")
+    zero(fit_loop.get("epoch_loop.scheduler_progress"), "current")
+    optim = fit_loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer")
+    for progress in (optim or {}).values():
+        zero(progress, "current")
+    val = fit_loop.get("epoch_loop.val_loop.batch_progress")
+    zero(val, "current", "total")
+    if val is not None:
+        val["is_last_batch"] = False
 
 
 def rng_states() -> dict[str, Any]:
