@@ -269,13 +269,28 @@ def find_checkpoint(base: Path, which: str, run_dir: bool = False) -> Path:
         return lasts[-1]
     from seglight.checkpoints import load_checkpoint
 
-    state = load_checkpoint(lasts[-1], "--ckpt_path best: the newest last.ckpt")
-    for key, value in (state.get("callbacks") or {}).items():
-        if "ModelCheckpoint" in key and value.get("best_model_path"):
-            best = Path(value["best_model_path"])
-            if best.is_file():
-                return best
-    raise ConfigError(f"--ckpt_path best: {lasts[-1]} records no best checkpoint that still exists")
+    last = lasts[-1]
+    state = load_checkpoint(last, "--ckpt_path best: the newest last.ckpt")
+    # the recorded path is where the run was written (absolute, or relative to that run's
+    # working directory): in a moved or copied run folder it names another run's file. A
+    # ModelCheckpoint writes last.ckpt and its best into one folder: look there, by name
+    recorded = [
+        Path(value["best_model_path"])
+        for key, value in (state.get("callbacks") or {}).items()
+        if "ModelCheckpoint" in key and value.get("best_model_path")
+    ]
+    for best in recorded:
+        if (last.parent / best.name).is_file():
+            return last.parent / best.name
+    if not recorded:
+        raise ConfigError(
+            f"--ckpt_path best: {last} records no best checkpoint (pass a checkpoint's path)"
+        )
+    names = ", ".join(best.name for best in recorded)
+    raise ConfigError(
+        f"--ckpt_path best: {last} records best checkpoint {names}, not found beside it in "
+        f"{last.parent}/ (pass a checkpoint's path instead)"
+    )
 
 
 def warn_data_differences(config, ckpt: str, subcommand: str) -> None:
