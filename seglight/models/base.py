@@ -546,8 +546,9 @@ class SegmentationModel(L.LightningModule):
         )
 
         # also: checkpoints written atomically with the random states (exact resume), and a
-        # stop with a clear error at a NaN/Inf training loss
-        callbacks: list = [MetricsSummary(), SafeCheckpoints(), NonFiniteLossCheck()]
+        # stop with a clear error at a NaN/Inf training or validation loss or model state (first:
+        # a diverged validation is not recorded in metrics.json)
+        callbacks: list = [NonFiniteLossCheck(), MetricsSummary(), SafeCheckpoints()]
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             callbacks.append(PredictionWriter())
         return callbacks
