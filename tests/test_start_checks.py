@@ -13,10 +13,10 @@ from seglight.cli import main
 from seglight.errors import ConfigError
 from seglight.models.base import MODELS
 
-QUICK = ["--model", "UNet", "--model.encoder", "original", "--model.base_channels", "4",
-         "--trainer.logger", "false", "--trainer.max_steps", "2", "--threads", "1",
-         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-         "--trainer.enable_model_summary", "false"]  # fmt: skip
+TRAINER = ["--trainer.logger", "false", "--trainer.max_steps", "2", "--threads", "1",
+           "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false"]  # fmt: skip
+QUICK = ["--model", "UNet", "--model.encoder", "original", "--model.base_channels", "4", *TRAINER]
 
 
 def cli_error(capsys, argv: list[str]) -> str:
@@ -49,3 +49,56 @@ def test_one_class_folder_stops_at_the_start_naming_the_fix(tmp_path, capsys):
 def test_every_model_refuses_one_class(name):
     with pytest.raises(ConfigError, match=r"num_classes=1 \(\['cell'\]\).*\[background, cell\]"):
         MODELS[name](num_classes=1, class_names=["cell"])
+
+
+# ---------------------------------------------------------------------------- semi-supervised
+def semi_config(path: Path, root: Path, **data: object) -> Path:
+    options = "".join(f"\n    {k}: {v}" for k, v in data.items())
+    path.write_text(f"""\
+model:
+  class_path: FixMatch
+  init_args: {{network: {{class_path: UNet, init_args: {{encoder: original, base_channels: 4}}}}}}
+data:
+  class_path: SemiSupervised
+  init_args:
+    dataset: {{class_path: Folder, init_args: {{root: {root}, mask_format: binary}}}}
+    batch_size: 2
+    num_workers: 0
+    crop_size: [16, 24]{options}
+""")  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("labeled", ["1.0", "5"])  # 5 of 5 training images
+def test_a_method_with_nothing_unlabelled_stops_before_anything_is_written(
+    tmp_path, capsys, labeled
+):
+    from test_resume_epoch_end import make_binary_folder
+
+    root = make_binary_folder(tmp_path / "data", n=6)
+    config = semi_config(tmp_path / "semi.yaml", root, labeled=labeled)
+    error = cli_error(capsys, ["fit", *TRAINER, "--config", str(config)])
+    assert "FixMatch trains on labelled and unlabelled images" in error
+    assert f"labeled={labeled}" in error and "labels all 5 training images" in error, error
+    assert_nothing_written(Path.cwd())
+
+
+def test_image_labels_naming_images_of_another_dataset_are_refused(tmp_path):
+    import json
+
+    from test_resume_epoch_end import make_binary_folder
+
+    from seglight.data import Folder, SemiSupervised
+    from seglight.errors import DataError
+
+    root = make_binary_folder(tmp_path / "data", n=6)
+    table = {f"img{i:02d}": ["membrane"] for i in range(6)}
+    table |= {"0001TP_006690": ["background"], "0001TP_006720": ["membrane"]}
+    (root / "image_labels.json").write_text(json.dumps(table))
+    dm = SemiSupervised(
+        Folder(root=str(root), mask_format="binary"), labeled=2, image_labels="image_labels.json",
+        num_workers=0,
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"2 of its 8 entries name no image of Folder "
+                       r"\('0001TP_006690', '0001TP_006720'\): is it another dataset's file"):  # fmt: skip
+        dm.setup("fit")

@@ -624,6 +624,9 @@ class SeglightCLI(LightningCLI):
         self.trainer.state.fn = TrainerFn(self.subcommand)  # the stages are named as the commands
         self.datamodule.prepare_data()
         self.datamodule.setup(self.subcommand)
+        check = getattr(self.model, "check_data", None)
+        if check is not None:  # what the model cannot train or run on (SegmentationModel)
+            check(self.datamodule, self.subcommand)
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback

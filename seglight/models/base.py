@@ -258,6 +258,10 @@ class SegmentationModel(L.LightningModule):
                 set_class_weights(self.criterion, weights.to(self.device))
             self._mf_done = True
 
+    def check_data(self, datamodule: Any, stage: str) -> None:
+        """Refuse data this model cannot run `stage` on, in one line (a ConfigError). The CLI
+        calls it with the data set up, before the run directory gets files; a no-op here."""
+
     def _median_frequency_weights(self) -> torch.Tensor | None:
         """Median-frequency class weights of the datamodule's training masks (seglight.data.stats);
         None when the data has no training split (e.g. predict on Images: the weights only
