@@ -570,8 +570,11 @@ class SegmentationDataModule(L.LightningDataModule):
             if split in self.datasets:
                 continue
             if split not in self.splits:
+                other = "val" if "val" in self.splits else self.splits[-1] if self.splits else None
+                hint = f": predict another with --data.predict_split {other}" if other else ""
                 raise DataError(
-                    f"{type(self).__name__} has no split {split!r} (it has {', '.join(self.splits)})"
+                    f"{type(self).__name__} has no split {split!r} (it has "
+                    f"{', '.join(self.splits)}){hint if stage == 'predict' else ''}"
                 )
             dataset = self.build_dataset(split, train=split == "train")
             if len(dataset) == 0:
