@@ -102,3 +102,60 @@ def test_image_labels_naming_images_of_another_dataset_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"2 of its 8 entries name no image of Folder "
                        r"\('0001TP_006690', '0001TP_006720'\): is it another dataset's file"):  # fmt: skip
         dm.setup("fit")
+
+
+# ---------------------------------------------------------------------------- broken images
+def cut_off(path: Path) -> None:
+    """Keep the first half of a file: its header parses, its pixels do not decode."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_a_cut_off_image_stops_fit_before_the_first_step(tmp_path, capsys, fmt):
+    from PIL import Image
+    from test_resume_epoch_end import make_binary_folder
+
+    root = make_binary_folder(tmp_path / "data", n=8, size=(48, 64))
+    broken = root / "images" / f"img03.{fmt}"
+    if fmt == "jpg":  # JPEG images (the masks stay PNG)
+        for png in sorted((root / "images").glob("*.png")):
+            Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+            png.unlink()
+    cut_off(broken)
+    argv = [
+        "fit",
+        *QUICK,
+        "--data",
+        "Folder",
+        "--data.root",
+        str(root),
+        "--data.mask_format",
+        "binary",
+        "--data.num_workers",
+        "0",
+        "--data.val_fraction",
+        "0.0001",
+    ]  # fmt: skip  (every image in train)
+    error = cli_error(capsys, argv)
+    assert f"image {str(broken)!r} is cut off" in error, error
+    assert_nothing_written(Path.cwd())
+
+
+def test_cut_off_unlabelled_images_are_found_too(tmp_path):
+    from test_resume_epoch_end import make_binary_folder
+
+    from seglight.data import Folder, SemiSupervised
+    from seglight.errors import DataError
+
+    root = make_binary_folder(tmp_path / "data", n=8)
+    dm = SemiSupervised(
+        Folder(root=str(root), mask_format="binary"), labeled_split=str(tmp_path / "l.txt"),
+        num_workers=0,
+    )  # fmt: skip
+    (tmp_path / "l.txt").write_text("img00\nimg01\n")
+    train = [p for p in sorted((root / "images").iterdir()) if p.stem not in ("img00", "img01")]
+    cut_off(train[-1])  # an unlabelled image (its mask is never opened)
+    with pytest.raises(DataError, match=rf"unlabelled train images are invalid: image "
+                       rf"'{train[-1]}' is cut off"):  # fmt: skip
+        dm.setup("fit")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seglight.data.base import check_all, find_pairs
+from seglight.data.base import check_all, find_pairs, image_size
 from seglight.data.folder import CLASSES_FILE, Folder
 from seglight.data.instances import InstanceData, InstanceDataset, masks_from_ids
 from seglight.errors import ConfigError, DataError
@@ -215,8 +215,7 @@ class FolderInstances(InstanceData, Folder):
         def check(pair: tuple[Path, Path]) -> str | None:
             image_path, ids_path = pair
             try:
-                with Image.open(image_path) as im:  # the header only
-                    width, height = im.size
+                width, height = image_size(image_path)  # the header, and a cut-off file
                 _, label_of = read_instance_image(
                     ids_path, height, width, self.class_names, self.instance_class
                 )

@@ -51,6 +51,7 @@ from seglight.data.base import (
     collate,
     masks_optional,
     read_mask,
+    verify_pairs,
 )
 from seglight.errors import ConfigError, DataError
 
@@ -504,6 +505,15 @@ class SemiSupervised(SegmentationDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.dataset.trainer = self.trainer
         super().setup(stage)  # verifies the masks of the labelled subset only
+        unlabeled = self.datasets.get("unlabeled")
+        if (
+            self.check_masks
+            and isinstance(unlabeled, SegmentationDataset)
+            and not getattr(self, "_unlabeled_verified", False)
+        ):  # the unlabelled images' files (no mask is opened)
+            what = f"{type(self.dataset).__name__} unlabelled train"
+            verify_pairs(unlabeled.pairs, self.num_classes, self.ignore_index, None, what)
+            self._unlabeled_verified = True
 
     def _record(self) -> None:
         """Write labeled.txt into the run directory (rank zero), when the training loader is
