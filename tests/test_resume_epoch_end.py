@@ -161,3 +161,21 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact_in_process(tmp_path):
     shutil.copy(straight / "checkpoints" / "epoch000.ckpt", epoch0)
     cli_run([*args, "--trainer.default_root_dir", str(resumed), "--ckpt_path", str(epoch0)])
     assert_same_weights(straight, resumed)
+
+
+def test_extending_a_run_that_stopped_at_max_steps_mid_epoch_is_exact(tmp_path):
+    """last.ckpt of a run stopped by max_steps mid-epoch (written at that epoch's cut-short end),
+    resumed with a larger max_steps, ends as a straight run to that many steps (constant LR:
+    the schedule would depend on max_steps)."""
+    from seglight.cli import run as cli_run
+
+    make_binary_folder(tmp_path / "data")
+    cfg = config(tmp_path / "run.yaml", semi=False)
+    args = ["fit", "--config", QUICKSTART, "--config", str(cfg), "--trainer.logger", "false",
+            "--threads", "1", "--model.scheduler", "constant", "--model.warmup_steps", "0"]  # fmt: skip
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    cli_run([*args, "--trainer.max_steps", "12", "--trainer.default_root_dir", str(straight)])
+    cli_run([*args, "--trainer.max_steps", "7", "--trainer.default_root_dir", str(extended)])
+    cli_run([*args, "--trainer.max_steps", "12", "--trainer.default_root_dir", str(extended),
+             "--ckpt_path", "last"])  # fmt: skip
+    assert_same_weights(straight, extended)

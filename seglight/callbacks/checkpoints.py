@@ -168,7 +168,7 @@ class SafeCheckpoints(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        finish_saved_epoch(fit_loop)
+        settle_epoch_end(fit_loop)
         self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -214,26 +214,32 @@ class SafeCheckpoints(L.Callback):
             iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)
 
 
-def finish_saved_epoch(fit_loop: dict[str, Any]) -> None:
-    """Turn the fit loop's state of a checkpoint written at an epoch's end (in
-    `on_train_epoch_end`, ModelCheckpoint's default: the epoch counted `processed`, not yet
-    `completed`) into the state at the next epoch's start, in place.
+def settle_epoch_end(fit_loop: dict[str, Any]) -> None:
+    """Make the fit loop's state of a checkpoint written in `on_train_epoch_end`
+    (ModelCheckpoint's default; the epoch counted `processed`, not yet `completed`) resume as
+    the uninterrupted run continued, in place:
 
-    Lightning resumes such a checkpoint by finishing the epoch again when training is
-    iteration-based (`max_steps` set: the loops then always "restart"): it counts the epoch
-    `processed` a second time, so every later epoch gives its samplers an epoch one ahead of
-    the Trainer's (a different order and augmentation than the uninterrupted run) and
-    `max_epochs` stops one epoch early. With `max_epochs` alone it just marks the epoch
-    completed. Marking it completed here, with the batch counters at an epoch's start, makes
-    both resume as the uninterrupted run continued: at the next epoch's first batch.
+    - the epoch ran to its last batch: it becomes the state at the next epoch's start (the
+      epoch completed, the batch counters at zero), so training resumes at the next epoch's
+      first batch;
+    - the epoch was cut short (`max_steps` reached mid-epoch, then the run extended): it is not
+      counted processed, so training resumes at its next batch, as from a mid-epoch checkpoint.
+
+    Lightning resumes such checkpoints by running the epoch's end again when training is
+    iteration-based (`max_steps` set: its loops then always "restart"), counting the epoch
+    `processed` twice: every later epoch gave its samplers an epoch one ahead of the Trainer's
+    (another order and augmentation than the uninterrupted run's).
     """
     epochs = fit_loop.get("epoch_progress")
     batches = fit_loop.get("epoch_loop.batch_progress")
-    if not epochs or not batches or not batches.get("is_last_batch"):
+    if not epochs or not batches:
         return
     total = epochs["total"]
-    ended = total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
-    if not ended:
+    if not total["ready"] == total["started"] == total["processed"] == total["completed"] + 1:
+        return  # not written in on_train_epoch_end
+    if not batches.get("is_last_batch"):  # cut short: unfinished, at its next batch
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"]
         return
     for counts in (epochs["total"], epochs["current"]):
         counts["completed"] = counts["processed"]
