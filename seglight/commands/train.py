@@ -229,11 +229,14 @@ def _versions(base: Path) -> list[Path]:
 
 
 _CREATED_RUN_DIRS: list[Path] = []
+_CREATED_FOLDERS: list[Path] = []  # deepest first
 
 
 def new_run_dir(base: Path) -> Path:
     """Reserve base/version_N with N one above the highest existing (removed again by `run` if the
     run fails before writing anything into it)."""
+    # the folders this makes above it (runs/, runs/<experiment>): removed too, when left empty
+    _CREATED_FOLDERS.extend(p for p in [base, *base.parents] if not p.exists())
     base.mkdir(parents=True, exist_ok=True)
     n = max((int(p.name.split("_")[1]) for p in _versions(base)), default=-1) + 1
     while True:
@@ -742,13 +745,16 @@ def run(argv: list[str]) -> SeglightCLI:
     check_class_names(argv)
     command, argv = argv, network_options(with_defaults(argv))
     _CREATED_RUN_DIRS.clear()
+    _CREATED_FOLDERS.clear()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             return SeglightCLI(args=argv, experiment=experiment_name(argv), command=command)
     except BaseException:
-        for run_dir in _CREATED_RUN_DIRS:  # leave no empty version_N behind a failed start
-            for folder in (run_dir, run_dir.parent):  # nor an empty runs/<experiment>
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+        # leave no empty version_N behind a failed start, nor an empty runs/<experiment>, nor
+        # a runs/ it made
+        folders = [f for d in _CREATED_RUN_DIRS for f in (d, d.parent)] + _CREATED_FOLDERS
+        for folder in folders:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
