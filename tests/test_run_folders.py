@@ -1,5 +1,6 @@
 """A run folder is self-contained: moved or copied, `--ckpt_path best` finds the best checkpoint
-in that folder's checkpoints/, never the file of the run it was copied from."""
+in that folder's checkpoints/, never the file of the run it was copied from, and a fit resumed
+there keeps the run's best score and checkpoints."""
 
 from __future__ import annotations
 
@@ -57,3 +58,10 @@ def test_ckpt_path_best_in_a_moved_or_copied_run_folder(tmp_path):
     assert evaluation["stage"] == "test"
     assert Path(evaluation["checkpoint"]) == moved / "checkpoints" / best.name
     assert torch.load(moved / "checkpoints" / best.name, weights_only=True)["global_step"] > 0
+
+    # fit resumed in the moved folder keeps its best score and files: one best (top-1) stays
+    cli = cli_run(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                   "--trainer.default_root_dir", str(moved)])  # fmt: skip
+    callback = cli.trainer.checkpoint_callback
+    kept = sorted(p.name for p in (moved / "checkpoints").glob("epoch*.ckpt"))
+    assert len(kept) == 1 and Path(callback.best_model_path) == moved / "checkpoints" / kept[0]

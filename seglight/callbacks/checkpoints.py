@@ -6,6 +6,7 @@ set_rng_states, and the training loader's position)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -38,6 +39,14 @@ class ModelCheckpoint(_ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, with the recorded checkpoints looked up in this run's checkpoint folder
+        by name (relocated): a run folder moved or copied elsewhere keeps its best score and its
+        best, top-k and last checkpoints; a checkpoint whose best is not there (a new run from
+        another run's checkpoint) reloads no path. Lightning alone would forget the best score
+        of a moved run and keep best_model_path naming the original run's file."""
+        super().load_state_dict(relocated(state_dict, self.dirpath))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -96,6 +105,29 @@ def _hard_link(target: str, path: str) -> bool:
             os.remove(tmp)
         return False
     return True
+
+
+def relocated(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with its paths in `dirpath` (the checkpoint folder of the run
+    resuming), when the state was written in another folder: each recorded file by its name
+    there, dropped where it is not there; unchanged if the best checkpoint is not there."""
+    old = state.get("dirpath")
+    if not dirpath or not old or old == dirpath:
+        return state
+
+    def local(path: str | None) -> str:
+        here = Path(dirpath) / Path(path).name if path else None
+        return str(here) if here is not None and here.is_file() else ""
+
+    best = local(state.get("best_model_path"))
+    if not best:  # not a copy of this run: nothing of another folder is kept
+        return {**state, "best_model_path": ""}
+    top_k = {local(p): v for p, v in (state.get("best_k_models") or {}).items() if local(p)}
+    return {
+        **state, "dirpath": dirpath, "best_model_path": best, "best_k_models": top_k,
+        "kth_best_model_path": local(state.get("kth_best_model_path")),
+        "last_model_path": local(state.get("last_model_path")),
+    }  # fmt: skip
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
