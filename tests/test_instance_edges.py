@@ -37,7 +37,7 @@ def test_predict_without_a_test_split_names_predict_split(tmp_path):
 
 
 def test_a_predict_without_any_detection_says_so(tmp_path, capsys):
-    writer = PredictionWriter(output_dir=str(tmp_path / "out"), overlays=False)
+    writer = PredictionWriter(output_dir=str(tmp_path / "out"), overlays=False, original_size=False)
     trainer = SimpleNamespace(
         is_global_zero=True, default_root_dir=str(tmp_path), datamodule=None,
         strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
