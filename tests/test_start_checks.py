@@ -159,3 +159,19 @@ def test_cut_off_unlabelled_images_are_found_too(tmp_path):
     with pytest.raises(DataError, match=rf"unlabelled train images are invalid: image "
                        rf"'{train[-1]}' is cut off"):  # fmt: skip
         dm.setup("fit")
+
+
+def test_data_appended_after_a_jpeg_is_not_a_cut_off_file(tmp_path):
+    """Phones append data after a JPEG's end marker (a motion photo's video): still whole."""
+    import numpy as np
+    from PIL import Image
+
+    from seglight.data.base import truncation
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "motion.jpg").write_bytes(data + b"\0" * 4096 + b"ftypmp42 video" * 500)
+    assert truncation(tmp_path / "a.jpg") is None and truncation(tmp_path / "motion.jpg") is None
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert "no end marker" in truncation(tmp_path / "cut.jpg")

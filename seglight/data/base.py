@@ -93,9 +93,10 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def truncation(path: Path) -> str | None:
     """Why an image file is cut off (a partial copy or download), or None: a PNG's chunks,
-    walked by their lengths, must reach IEND within the file; a JPEG must end with its EOI
-    marker (within its last KiB: some writers append padding); a WebP's RIFF size must fit.
-    Reads a few bytes per PNG chunk, one KiB of a JPEG; other formats are not checked."""
+    walked by their lengths, must reach IEND within the file; a JPEG's image data must end with
+    its EOI marker; a WebP's RIFF size must fit. Reads a few bytes per PNG chunk and a JPEG's
+    last KiB (the whole file only when the end marker is not there: data appended after the
+    image, as phones' motion photos do, or a cut-off file); other formats are not checked."""
     try:
         size = path.stat().st_size
         with open(path, "rb", buffering=0) as f:  # unbuffered: a seek reads nothing
@@ -118,7 +119,9 @@ def truncation(path: Path) -> str | None:
             if head[:3] == b"\xff\xd8\xff":
                 f.seek(max(0, size - 1024))
                 if b"\xff\xd9" not in f.read():
-                    return f"its JPEG data ({size} bytes) has no end marker (EOI)"
+                    f.seek(0)
+                    if not _jpeg_ends(f.read()):
+                        return f"its JPEG data ({size} bytes) has no end marker (EOI)"
             elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
                 declared = int.from_bytes(head[4:8], "little") + 8
                 if declared > size:
@@ -126,6 +129,27 @@ def truncation(path: Path) -> str | None:
     except OSError as e:
         return f"cannot read it: {e.strerror}"
     return None
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether a JPEG's image data reaches its EOI marker: after the first SOS segment (the
+    segments before it, EXIF thumbnails included, are skipped by their lengths), the entropy-
+    coded data holds no FF D9 except the end marker."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False  # not a marker where one belongs: damaged
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan: the image data follows
+            return data.find(b"\xff\xd9", pos) >= 0
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
 
 
 def _png_kind(path: Path) -> tuple[int, int] | None:
