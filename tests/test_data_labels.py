@@ -120,7 +120,8 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
     broken = sorted((root / "train").glob("*.jpg"))[0]
     data = broken.read_bytes()
     broken.write_bytes(data[: len(data) // 2])  # the header is intact: only decoding fails
-    dm = CamVid(root=str(root), batch_size=2, num_workers=2, crop_size=(16, 16))
+    # (the check before training finds a cut-off file: off here, so that a worker meets it)
+    dm = CamVid(root=str(root), batch_size=2, num_workers=2, crop_size=(16, 16), check_masks=False)
     dm.setup("fit")
     with pytest.raises(Exception) as e:
         next(iter(dm.train_dataloader()))

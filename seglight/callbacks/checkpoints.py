@@ -6,6 +6,7 @@ set_rng_states, and the training loader's position)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -96,6 +97,14 @@ class ModelCheckpoint(_ModelCheckpoint):
                 self.auto_insert_metric_name = False  # its "/" would make a folder
         super().setup(trainer, pl_module, stage)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, with the recorded checkpoints looked up in this run's checkpoint folder
+        by name (relocated): a run folder moved or copied elsewhere keeps its best score and its
+        best, top-k and last checkpoints; a checkpoint whose best is not there (a new run from
+        another run's checkpoint) reloads no path. Lightning alone would forget the best score
+        of a moved run and keep best_model_path naming the original run's file."""
+        super().load_state_dict(relocated(state_dict, self.dirpath))
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_due(trainer, at_train_epoch_end=True)
@@ -153,6 +162,29 @@ def _hard_link(target: str, path: str) -> bool:
             os.remove(tmp)
         return False
     return True
+
+
+def relocated(state: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """ModelCheckpoint's state with its paths in `dirpath` (the checkpoint folder of the run
+    resuming), when the state was written in another folder: each recorded file by its name
+    there, dropped where it is not there; unchanged if the best checkpoint is not there."""
+    old = state.get("dirpath")
+    if not dirpath or not old or old == dirpath:
+        return state
+
+    def local(path: str | None) -> str:
+        here = Path(dirpath) / Path(path).name if path else None
+        return str(here) if here is not None and here.is_file() else ""
+
+    best = local(state.get("best_model_path"))
+    if not best:  # not a copy of this run: nothing of another folder is kept
+        return {**state, "best_model_path": ""}
+    top_k = {local(p): v for p, v in (state.get("best_k_models") or {}).items() if local(p)}
+    return {
+        **state, "dirpath": dirpath, "best_model_path": best, "best_k_models": top_k,
+        "kth_best_model_path": local(state.get("kth_best_model_path")),
+        "last_model_path": local(state.get("last_model_path")),
+    }  # fmt: skip
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -224,8 +256,9 @@ class SafeCheckpoints(L.Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        self._loader_states = loop.get("combined_loader")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        settle_epoch_end(fit_loop)
+        self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resume_loader(trainer)
@@ -268,6 +301,54 @@ class SafeCheckpoints(L.Callback):
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
         if fetcher is not None:
             iter(fetcher)  # the epoch loop then counts the batches already done (`fetched`)
+
+
+def settle_epoch_end(fit_loop: dict[str, Any]) -> None:
+    """Make the fit loop's state of a checkpoint written in `on_train_epoch_end`
+    (ModelCheckpoint's default; the epoch counted `processed`, not yet `completed`) resume as
+    the uninterrupted run continued, in place:
+
+    - the epoch ran to its last batch: it becomes the state at the next epoch's start (the
+      epoch completed, the batch counters at zero), so training resumes at the next epoch's
+      first batch;
+    - the epoch was cut short (`max_steps` reached mid-epoch, then the run extended): it is not
+      counted processed, so training resumes at its next batch, as from a mid-epoch checkpoint.
+
+    Lightning resumes such checkpoints by running the epoch's end again when training is
+    iteration-based (`max_steps` set: its loops then always "restart"), counting the epoch
+    `processed` twice: every later epoch gave its samplers an epoch one ahead of the Trainer's
+    (another order and augmentation than the uninterrupted run's).
+    """
+    epochs = fit_loop.get("epoch_progress")
+    batches = fit_loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return
+    total = epochs["total"]
+    if not total["ready"] == total["started"] == total["processed"] == total["completed"] + 1:
+        return  # not written in on_train_epoch_end
+    if not batches.get("is_last_batch"):  # cut short: unfinished, at its next batch
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["completed"]
+        return
+    for counts in (epochs["total"], epochs["current"]):
+        counts["completed"] = counts["processed"]
+
+    def zero(progress: dict[str, Any] | None, *parts: str) -> None:
+        for part in parts:
+            for key in (progress or {}).get(part, {}):
+                progress[part][key] = 0
+
+    # what the epoch loop's reset does at an epoch's start (the totals keep counting)
+    batches["is_last_batch"] = False
+    zero(batches, "current")
+    zero(fit_loop.get("epoch_loop.scheduler_progress"), "current")
+    optim = fit_loop.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer")
+    for progress in (optim or {}).values():
+        zero(progress, "current")
+    val = fit_loop.get("epoch_loop.val_loop.batch_progress")
+    zero(val, "current", "total")
+    if val is not None:
+        val["is_last_batch"] = False
 
 
 def rng_states() -> dict[str, Any]:

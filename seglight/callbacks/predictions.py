@@ -98,7 +98,7 @@ class PredictionWriter(BasePredictionWriter):
         self.overlays = overlays
         self.alpha = alpha
         self.original_size = original_size
-        self._written = {"masks": 0, "overlays": 0}
+        self._written = {"masks": 0, "overlays": 0, "instance_images": 0, "detections": 0}
         self._dir: Path | None = None  # this predict's folder
         self._paths: dict[str, Path] = {}
         self.last_written: dict[str, Any] = {}  # `written` at the end of the last predict
@@ -124,7 +124,7 @@ class PredictionWriter(BasePredictionWriter):
         return Path(trainer.strategy.broadcast(str(run_dir / f"predictions_{n}")))
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._written = {"masks": 0, "overlays": 0}
+        self._written = dict.fromkeys(self._written, 0)
         self._dir = None
         self._paths = _image_paths(trainer) if self.original_size else {}
         out = self._out(trainer)
@@ -134,15 +134,20 @@ class PredictionWriter(BasePredictionWriter):
             )
 
     def written(self, trainer: L.Trainer) -> dict[str, Any]:
-        """{"predict/masks", "predict/overlays": files written by all ranks, "predict/dir"}
-        (a collective: every rank calls it)."""
-        counts = torch.tensor([self._written["masks"], self._written["overlays"]])
-        masks, overlays = (int(n) for n in trainer.strategy.reduce(counts, reduce_op="sum"))
-        return {
-            "predict/masks": masks,
-            "predict/overlays": overlays,
+        """{"predict/masks", "predict/overlays": files written by all ranks, "predict/dir"; for
+        an instance model also "predict/detections", the instances found} (a collective: every
+        rank calls it)."""
+        counts = torch.tensor(list(self._written.values()))
+        summed = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        total = dict(zip(self._written, summed, strict=True))
+        written = {
+            "predict/masks": int(total["masks"]),
+            "predict/overlays": int(total["overlays"]),
             "predict/dir": str(self._out(trainer)),
         }
+        if total["instance_images"]:
+            written["predict/detections"] = int(total["detections"])
+        return written
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Say what was written where (the counts of every rank)."""
@@ -158,6 +163,12 @@ class PredictionWriter(BasePredictionWriter):
             print(
                 f"seglight predict: wrote {overlays} overlays to {out / 'overlays'}/ (JPEG: the "
                 "image beside its prediction blended over it)"
+            )
+        if written.get("predict/detections") == 0:
+            print(
+                f"seglight predict: no instance detected in any of the {masks} images: every mask "
+                "is all background (a model trained too little, or --model.box_score_thresh set "
+                "too high)"
             )
 
     def write_on_batch_end(
@@ -241,6 +252,8 @@ class PredictionWriter(BasePredictionWriter):
 
         order = instances["scores"].argsort(descending=True).cpu()
         masks = instances["masks"].cpu()[order].bool()  # [N, H, W]
+        self._written["instance_images"] += 1
+        self._written["detections"] += len(masks)
         labels = instances["labels"].cpu()[order].tolist()
         ids = np.zeros(masks.shape[-2:], dtype=np.uint16)
         for k in range(len(masks) - 1, -1, -1):  # the best last: it wins overlaps

@@ -229,11 +229,14 @@ def _versions(base: Path) -> list[Path]:
 
 
 _CREATED_RUN_DIRS: list[Path] = []
+_CREATED_FOLDERS: list[Path] = []  # deepest first
 
 
 def new_run_dir(base: Path) -> Path:
     """Reserve base/version_N with N one above the highest existing (removed again by `run` if the
     run fails before writing anything into it)."""
+    # the folders this makes above it (runs/, runs/<experiment>): removed too, when left empty
+    _CREATED_FOLDERS.extend(p for p in [base, *base.parents] if not p.exists())
     base.mkdir(parents=True, exist_ok=True)
     n = max((int(p.name.split("_")[1]) for p in _versions(base)), default=-1) + 1
     while True:
@@ -269,13 +272,28 @@ def find_checkpoint(base: Path, which: str, run_dir: bool = False) -> Path:
         return lasts[-1]
     from seglight.checkpoints import load_checkpoint
 
-    state = load_checkpoint(lasts[-1], "--ckpt_path best: the newest last.ckpt")
-    for key, value in (state.get("callbacks") or {}).items():
-        if "ModelCheckpoint" in key and value.get("best_model_path"):
-            best = Path(value["best_model_path"])
-            if best.is_file():
-                return best
-    raise ConfigError(f"--ckpt_path best: {lasts[-1]} records no best checkpoint that still exists")
+    last = lasts[-1]
+    state = load_checkpoint(last, "--ckpt_path best: the newest last.ckpt")
+    # the recorded path is where the run was written (absolute, or relative to that run's
+    # working directory): in a moved or copied run folder it names another run's file. A
+    # ModelCheckpoint writes last.ckpt and its best into one folder: look there, by name
+    recorded = [
+        Path(value["best_model_path"])
+        for key, value in (state.get("callbacks") or {}).items()
+        if "ModelCheckpoint" in key and value.get("best_model_path")
+    ]
+    for best in recorded:
+        if (last.parent / best.name).is_file():
+            return last.parent / best.name
+    if not recorded:
+        raise ConfigError(
+            f"--ckpt_path best: {last} records no best checkpoint (pass a checkpoint's path)"
+        )
+    names = ", ".join(best.name for best in recorded)
+    raise ConfigError(
+        f"--ckpt_path best: {last} records best checkpoint {names}, not found beside it in "
+        f"{last.parent}/ (pass a checkpoint's path instead)"
+    )
 
 
 def warn_data_differences(config, ckpt: str, subcommand: str) -> None:
@@ -609,6 +627,9 @@ class SeglightCLI(LightningCLI):
         self.trainer.state.fn = TrainerFn(self.subcommand)  # the stages are named as the commands
         self.datamodule.prepare_data()
         self.datamodule.setup(self.subcommand)
+        check = getattr(self.model, "check_data", None)
+        if check is not None:  # what the model cannot train or run on (SegmentationModel)
+            check(self.datamodule, self.subcommand)
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -725,13 +746,16 @@ def run(argv: list[str]) -> SeglightCLI:
     check_class_names(argv)
     command, argv = argv, network_options(with_defaults(argv))
     _CREATED_RUN_DIRS.clear()
+    _CREATED_FOLDERS.clear()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
             return SeglightCLI(args=argv, experiment=experiment_name(argv), command=command)
     except BaseException:
-        for run_dir in _CREATED_RUN_DIRS:  # leave no empty version_N behind a failed start
-            for folder in (run_dir, run_dir.parent):  # nor an empty runs/<experiment>
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+        # leave no empty version_N behind a failed start, nor an empty runs/<experiment>, nor
+        # a runs/ it made
+        folders = [f for d in _CREATED_RUN_DIRS for f in (d, d.parent)] + _CREATED_FOLDERS
+        for folder in folders:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise

@@ -70,9 +70,86 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError for corrupt files
-        # torchvision prefixes its C++ source location ("decode_jpeg, /.../decode_jpeg.cpp:171, ")
-        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e).strip())
+        # torchvision prefixes its C++ source location ("decode_jpeg, /.../decode_jpeg.cpp:171, ",
+        # "operator(), /.../decode_png.cpp:79, ")
+        reason = re.sub(r"^[\w()]+, \S+:\d+, ", "", str(e).strip())
         raise DataError(f"cannot decode image {str(path)!r}: {reason}") from e
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, after a cheap check that the file is
+    whole (`truncation`): a broken or cut-off image is a DataError naming the file, found by the
+    data check before training rather than when an epoch reaches it. Nothing is decoded."""
+    try:
+        with Image.open(path) as im:  # reads the header only
+            size = im.size
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for broken files
+        raise DataError(f"cannot read image {str(path)!r}: {e}") from e
+    problem = truncation(path)
+    if problem:
+        raise DataError(f"image {str(path)!r} is cut off: {problem}")
+    return size
+
+
+def truncation(path: Path) -> str | None:
+    """Why an image file is cut off (a partial copy or download), or None: a PNG's chunks,
+    walked by their lengths, must reach IEND within the file; a JPEG's image data must end with
+    its EOI marker; a WebP's RIFF size must fit. Reads a few bytes per PNG chunk and a JPEG's
+    last KiB (the whole file only when the end marker is not there: data appended after the
+    image, as phones' motion photos do, or a cut-off file); other formats are not checked."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb", buffering=0) as f:  # unbuffered: a seek reads nothing
+            head = f.read(12)
+            if head[:8] == b"\x89PNG\r\n\x1a\n":
+                end = 8
+                while True:
+                    f.seek(end)
+                    chunk = f.read(8)
+                    if len(chunk) < 8:
+                        return f"its PNG data stops after {size} bytes, before the IEND chunk"
+                    end += 12 + int.from_bytes(chunk[:4], "big")  # length, type, data, CRC
+                    if end > size:
+                        return (
+                            f"its PNG chunk {chunk[4:8].decode('latin-1')!r} needs {end} bytes, "
+                            f"the file has {size}"
+                        )
+                    if chunk[4:8] == b"IEND":
+                        return None
+            if head[:3] == b"\xff\xd8\xff":
+                f.seek(max(0, size - 1024))
+                if b"\xff\xd9" not in f.read():
+                    f.seek(0)
+                    if not _jpeg_ends(f.read()):
+                        return f"its JPEG data ({size} bytes) has no end marker (EOI)"
+            elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                declared = int.from_bytes(head[4:8], "little") + 8
+                if declared > size:
+                    return f"its WebP header declares {declared} bytes, the file has {size}"
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
+    return None
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether a JPEG's image data reaches its EOI marker: after the first SOS segment (the
+    segments before it, EXIF thumbnails included, are skipped by their lengths), the entropy-
+    coded data holds no FF D9 except the end marker."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False  # not a marker where one belongs: damaged
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan: the image data follows
+            return data.find(b"\xff\xd9", pos) >= 0
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
 
 
 def _png_kind(path: Path) -> tuple[int, int] | None:
@@ -296,32 +373,33 @@ def verify_pairs(
     what: str = "dataset",
     use_cache: bool = True,
 ) -> dict[str, list[int]] | None:
-    """Read every mask once and raise DataError listing each bad file (values or size).
+    """Read every mask once, and every image's header (image_size: cut-off files too), and
+    raise DataError listing each bad file (values, size, a broken image). Pairs without a mask
+    (unlabelled images) get the image check only.
 
     Returns what the same pass counted: {"class_pixels": pixels per class [num_classes],
     "raw_values": the raw mask values found}, or None when there are no masks.
     """
-    pairs = [(i, m) for i, m in pairs if m is not None]
     if not pairs:
         return None
     cache = _verified_cache_file(pairs, num_classes, ignore_index, label_map) if use_cache else None
     if cache is not None and cache.exists():
         try:
             summary = json.loads(cache.read_text())
+            if summary.get("images_only"):
+                return None
             return {k: summary[k] for k in ("class_pixels", "raw_values")}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an older or damaged entry: check again
     class_pixels = np.zeros(num_classes, np.int64)
     raw_values: set[int] = set()
 
-    def check(pair: tuple[Path, Path]) -> str | None:
+    def check(pair: tuple[Path, Path | None]) -> str | None:
         image_path, mask_path = pair
         try:
-            with Image.open(image_path) as im:  # reads the header only
-                width, height = im.size
-        except Exception as e:  # noqa: BLE001 - PIL raises several types for broken files
-            return f"cannot read image {str(image_path)!r}: {e}"
-        try:
+            width, height = image_size(image_path)
+            if mask_path is None:
+                return None
             mask = read_mask(mask_path)
         except DataError as e:
             return str(e)
@@ -346,15 +424,17 @@ def verify_pairs(
         raw_values.update(values.tolist())
         return None
 
-    check_all(check, pairs, f"{what} image/mask pairs are invalid")
+    masked = sum(m is not None for _, m in pairs)
+    check_all(check, pairs, f"{what} {'image/mask pairs' if masked else 'images'} are invalid")
     summary = {"class_pixels": class_pixels.tolist(), "raw_values": sorted(raw_values)}
+    entry = summary if masked else {"images_only": True}
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"files": len(pairs), "what": what, **summary}))
+            cache.write_text(json.dumps({"files": len(pairs), "what": what, **entry}))
         except OSError:
             pass  # the cache is an optimisation only
-    return summary
+    return summary if masked else None
 
 
 def check_classes_present(
@@ -389,6 +469,8 @@ def check_all(check: Callable[[Any], str | None], items: Sequence[Any], what: st
     the GIL) and raise one DataError listing the problems: "<n> of <total> <what>: ..."."""
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         problems = [p for p in pool.map(check, items) if p is not None]
+    if len(problems) == 1 and "\n" not in problems[0]:  # one line
+        raise DataError(f"1 of {len(items)} {what}: {problems[0]}")
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -396,12 +478,16 @@ def check_all(check: Callable[[Any], str | None], items: Sequence[Any], what: st
 
 
 def _verified_cache_file(pairs, num_classes, ignore_index, label_map) -> Path | None:
-    digest = hashlib.sha256(f"{num_classes}:{ignore_index}".encode())
+    # v2: images are checked for truncation too (entries of earlier checks are redone)
+    digest = hashlib.sha256(f"v2:{num_classes}:{ignore_index}".encode())
     if label_map is not None:
         digest.update(label_map.tobytes())
     try:
         for image_path, mask_path in pairs:
             for p in (image_path, mask_path):
+                if p is None:  # an unlabelled image
+                    digest.update(b"-\n")
+                    continue
                 st = p.stat()
                 digest.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     except OSError:
@@ -570,8 +656,11 @@ class SegmentationDataModule(L.LightningDataModule):
             if split in self.datasets:
                 continue
             if split not in self.splits:
+                other = "val" if "val" in self.splits else self.splits[-1] if self.splits else None
+                hint = f": predict another with --data.predict_split {other}" if other else ""
                 raise DataError(
-                    f"{type(self).__name__} has no split {split!r} (it has {', '.join(self.splits)})"
+                    f"{type(self).__name__} has no split {split!r} (it has "
+                    f"{', '.join(self.splits)}){hint if stage == 'predict' else ''}"
                 )
             dataset = self.build_dataset(split, train=split == "train")
             if len(dataset) == 0:

@@ -91,8 +91,14 @@ def read_classes_file(path: Path, extra_keys: tuple[str, ...] = ()) -> dict[str,
         )
     classes = spec.get("classes")
     if not isinstance(classes, list) or not classes or len(classes) > 255:
-        raise ConfigError(f"{path}: 'classes' must be a list of 1 to 255 names, got {classes!r}")
+        raise ConfigError(f"{path}: 'classes' must be a list of 2 to 255 names, got {classes!r}")
     classes = [str(c) for c in classes]
+    if len(classes) == 1:
+        raise ConfigError(
+            f"{path}: 'classes' lists one class ({classes[0]!r}); a mask's value i is classes[i], "
+            f"so list the background too: classes: [background, {classes[0]}] (for 0/255 masks "
+            "add --data.mask_format binary)"
+        )
     palette = spec.get("palette")
     if palette is not None:
         ok = isinstance(palette, list) and all(

@@ -20,7 +20,8 @@ file is read: an instance image whose size differs from its image's, a colour (R
 image, an id in the image that its JSON does not map (or no JSON and no instance_class), a class
 name that is not in classes.yaml or is the background, a JSON id above 255 for an 8-bit image
 (an 8-bit PNG holds at most 255 instances: save more as a 16-bit PNG, mode I;16). An all-zero
-instance image is allowed: an image without instances (all background).
+instance image is allowed: an image without instances (all background); but `fit` stops when an
+instance class has no instance in the whole training split (unless allow_empty_classes: true).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seglight.data.base import check_all, find_pairs
+from seglight.data.base import check_all, find_pairs, image_size
 from seglight.data.folder import CLASSES_FILE, Folder
 from seglight.data.instances import InstanceData, InstanceDataset, masks_from_ids
 from seglight.errors import ConfigError, DataError
@@ -172,13 +173,8 @@ class FolderInstances(InstanceData, Folder):
             raise ConfigError(
                 "FolderInstances reads instance-id images: mask_format does not apply"
             )
-        path = self.root / CLASSES_FILE
+        path = self.root / CLASSES_FILE  # (classes.yaml lists 2 classes or more: Folder's check)
         classes, instance_class = self.class_spec["classes"], self.class_spec["instance_class"]
-        if len(classes) < 2:
-            raise ConfigError(
-                f"{path}: 'classes' needs the background and at least one instance class, got "
-                f"{classes}"
-            )
         if instance_class is not None and instance_class not in classes[1:]:
             raise ConfigError(
                 f"{path}: instance_class {instance_class!r} is not one of the instance classes "
@@ -211,18 +207,41 @@ class FolderInstances(InstanceData, Folder):
         )
 
     def verify(self, dataset: Any, split: str) -> None:
-        """Read every instance image (and JSON) once and list every bad file."""
+        """Read every instance image (and JSON) once and list every bad file; when fitting, an
+        instance class without any instance in the training split is an error (as a class
+        without pixels is for Folder), unless allow_empty_classes."""
+        found: list[dict[int, int]] = []  # id -> class of each image (list.append: thread-safe)
 
         def check(pair: tuple[Path, Path]) -> str | None:
             image_path, ids_path = pair
             try:
-                with Image.open(image_path) as im:  # the header only
-                    width, height = im.size
-                read_instance_image(ids_path, height, width, self.class_names, self.instance_class)
+                width, height = image_size(image_path)  # the header, and a cut-off file
+                _, label_of = read_instance_image(
+                    ids_path, height, width, self.class_names, self.instance_class
+                )
             except DataError as e:
                 return str(e)
             except Exception as e:  # noqa: BLE001
                 return f"cannot read image {str(image_path)!r}: {e}"
+            found.append(label_of)
             return None
 
         check_all(check, dataset.pairs, f"FolderInstances {split} instance images are invalid")
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        if split != "train" or not fitting or self.allow_empty_classes:
+            return
+        counts = np.bincount(
+            [c for label_of in found for c in label_of.values()], minlength=self.num_classes
+        )
+        empty = [
+            f"{k} ({self.class_names[k]})" for k in range(1, self.num_classes) if not counts[k]
+        ]
+        if empty:
+            images = sum(1 for label_of in found if label_of)
+            raise DataError(
+                f"FolderInstances train: {len(empty)} instance class(es) {', '.join(empty)} have "
+                f"no instance in the {len(dataset.pairs)} instance images of the training split "
+                f"under {str(self.root / 'instances')!r} ({images} hold any instance; ids 0 are "
+                "background), so the model cannot learn them. To train anyway, set "
+                "allow_empty_classes: true."
+            )

@@ -51,6 +51,7 @@ from seglight.data.base import (
     collate,
     masks_optional,
     read_mask,
+    verify_pairs,
 )
 from seglight.errors import ConfigError, DataError
 
@@ -397,6 +398,14 @@ class SemiSupervised(SegmentationDataModule):
             vector = torch.zeros(self.num_classes)
             vector[[classes[c] for c in listed]] = 1.0
             out[Path(name).stem] = vector
+        known = self._known_names()
+        foreign = [n for n in out if n not in known]
+        if foreign:
+            shown = ", ".join(repr(n) for n in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise DataError(
+                f"image_labels {str(path)!r}: {len(foreign)} of its {len(out)} entries name no "
+                f"image of {type(self.dataset).__name__} ({shown}): is it another dataset's file?"
+            )
         missing = [n for n in names if n not in out]
         if missing:
             raise DataError(
@@ -405,6 +414,16 @@ class SemiSupervised(SegmentationDataModule):
             )
         return out
 
+    def _known_names(self) -> set[str]:
+        """The names of the wrapped dataset's images, every split."""
+        known: set[str] = set()
+        for split in self.dataset.splits:
+            with masks_optional():
+                dataset = self.dataset.build_dataset(split, train=False)
+            if isinstance(dataset, SegmentationDataset):
+                known.update(image.stem for image, _ in dataset.pairs)
+        return known
+
     def _warn_missing_classes(self, labelled: SegmentationDataset) -> None:
         seen = torch.zeros(self.num_classes)
         for i in range(len(labelled)):
@@ -412,12 +431,13 @@ class SemiSupervised(SegmentationDataModule):
         absent = [self.class_names[k] for k in range(self.num_classes) if seen[k] == 0]
         if absent:
             warnings.warn(
-                f"SemiSupervised: the {len(labelled)} labelled images ({self._describe()}) have no "
+                f"SemiSupervised: the {len(labelled)} labelled images ({self.describe_labeled()}) have no "
                 f"pixel of class(es) {', '.join(repr(c) for c in absent)}",
                 stacklevel=2,
             )
 
-    def _describe(self) -> str:
+    def describe_labeled(self) -> str:
+        """How the labelled images were chosen: "labeled=0.125, seed=0" or "labeled_split=x"."""
         if self.labeled_split is not None:
             chosen = f"labeled_split={self.labeled_split}"
         else:
@@ -485,11 +505,19 @@ class SemiSupervised(SegmentationDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.dataset.trainer = self.trainer
         super().setup(stage)  # verifies the masks of the labelled subset only
-        if "train" in self.datasets:
-            self._record()
+        unlabeled = self.datasets.get("unlabeled")
+        if (
+            self.check_masks
+            and isinstance(unlabeled, SegmentationDataset)
+            and not getattr(self, "_unlabeled_verified", False)
+        ):  # the unlabelled images' files (no mask is opened)
+            what = f"{type(self.dataset).__name__} unlabelled train"
+            verify_pairs(unlabeled.pairs, self.num_classes, self.ignore_index, None, what)
+            self._unlabeled_verified = True
 
     def _record(self) -> None:
-        """Write labeled.txt into the run directory (rank zero)."""
+        """Write labeled.txt into the run directory (rank zero), when the training loader is
+        made: once the start-up checks passed (a failed start leaves no file behind)."""
         trainer = self.trainer
         if trainer is None or not trainer.is_global_zero or getattr(self, "_recorded", False):
             return
@@ -498,7 +526,7 @@ class SemiSupervised(SegmentationDataModule):
         total = len(self.datasets["train"]) + len(self.datasets["unlabeled"])
         header = (
             f"# {len(self.labeled_names)} of {total} {type(self.dataset).__name__} training "
-            f"images labelled ({self._describe()}); usable as labeled_split\n"
+            f"images labelled ({self.describe_labeled()}); usable as labeled_split\n"
         )
         (run_dir / LABELED_FILE).write_text(header + "".join(f"{n}\n" for n in self.labeled_names))
         print(
@@ -513,6 +541,7 @@ class SemiSupervised(SegmentationDataModule):
         return _SemiCollate(self.ignore_index)
 
     def train_dataloader(self) -> CombinedLoader:
+        self._record()
         loaders = {"labeled": self._loader("train", self.batch_size, train=True)}
         if len(self.datasets["unlabeled"]):
             loaders["unlabeled"] = self._loader("unlabeled", self.unlabeled_batch_size, train=True)

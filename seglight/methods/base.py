@@ -335,6 +335,27 @@ class SemiSupervisedModel(SegmentationModel):
         return build_network(self.network_spec, self.num_classes, self.in_channels)
 
     # ------------------------------------------------------------------ batches
+    def check_data(self, datamodule: Any, stage: str) -> None:
+        """A fit needs SemiSupervised data with images left unlabelled (checked at the start,
+        before the run directory gets files, rather than at the first training step)."""
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        unlabeled = getattr(datamodule, "datasets", {}).get("unlabeled")
+        if unlabeled is None:
+            raise ConfigError(
+                f"{name} trains on labelled and unlabelled images: use `data: SemiSupervised` "
+                f"with labeled < all (got {type(datamodule).__name__})"
+            )
+        if len(unlabeled) == 0:
+            labelled = len(datamodule.datasets["train"])
+            raise ConfigError(
+                f"{name} trains on labelled and unlabelled images, but "
+                f"{datamodule.describe_labeled()} labels all {labelled} training images: label "
+                "fewer (--data.labeled: a fraction below 1 or a smaller count), or train a plain "
+                "model on them"
+            )
+
     def split_batch(self, batch: dict) -> tuple[dict, dict]:
         """(labelled batch, unlabelled batch) of a SemiSupervised training batch."""
         if "labeled" not in batch or "unlabeled" not in batch:

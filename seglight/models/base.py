@@ -93,6 +93,18 @@ def _trained_model(hparams: dict[str, Any]) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
+def one_class_message(num_classes: int, class_names: Any = None) -> str:
+    """The refusal of data with fewer than two classes (a softmax over one class is constant:
+    nothing to learn, and per-class metrics have nothing to average), naming the fix."""
+    names = list(class_names or [])
+    example = f"[background, {names[0]}]" if len(names) == 1 else "[background, object]"
+    return (
+        f"num_classes={num_classes}{f' ({names})' if names else ''}: segmentation needs the "
+        f"background and at least one object class; list both, e.g. classes: {example} "
+        "(for 0/255 masks add --data.mask_format binary)"
+    )
+
+
 class SegmentationModel(L.LightningModule):
     """Base class of every seglight architecture.
 
@@ -184,8 +196,8 @@ class SegmentationModel(L.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes < 2:
+            raise ConfigError(one_class_message(num_classes, class_names))
         if class_names is not None and len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class_names given for num_classes={num_classes}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -249,6 +261,10 @@ class SegmentationModel(L.LightningModule):
             if weights is not None:
                 set_class_weights(self.criterion, weights.to(self.device))
             self._mf_done = True
+
+    def check_data(self, datamodule: Any, stage: str) -> None:
+        """Refuse data this model cannot run `stage` on, in one line (a ConfigError). The CLI
+        calls it with the data set up, before the run directory gets files; a no-op here."""
 
     def _median_frequency_weights(self) -> torch.Tensor | None:
         """Median-frequency class weights of the datamodule's training masks (seglight.data.stats);
@@ -538,8 +554,9 @@ class SegmentationModel(L.LightningModule):
         )
 
         # also: checkpoints written atomically with the random states (exact resume), and a
-        # stop with a clear error at a NaN/Inf training loss
-        callbacks: list = [MetricsSummary(), SafeCheckpoints(), NonFiniteLossCheck()]
+        # stop with a clear error at a NaN/Inf training or validation loss or model state (first:
+        # a diverged validation is not recorded in metrics.json)
+        callbacks: list = [NonFiniteLossCheck(), MetricsSummary(), SafeCheckpoints()]
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             callbacks.append(PredictionWriter())
         return callbacks
