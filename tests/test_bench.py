@@ -13,15 +13,12 @@ import pytest
 import torch
 
 from seglight.cli import run as cli_run
-from seglight.commands.bench import (
-    MemoryMeter,
-    Runner,
-    bench_data,
-    bench_loader,
-    build_peers,
-    parse_args,
-    run,
-)
+from seglight.commands.bench import run
+from seglight.commands.bench.command import parse_args
+from seglight.commands.bench.data import bench_data, bench_loader
+from seglight.commands.bench.measure import MemoryMeter, median_ci
+from seglight.commands.bench.peers import Runner, build_peers, random_batches
+from seglight.commands.bench.training import bench_training
 from seglight.data import CamVid
 from seglight.errors import ConfigError
 from seglight.models import MODELS
@@ -89,8 +86,6 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     """Each peer's round runs between two of seglight's: the callback calls the peers at round
     boundaries inside Trainer.fit. The memory meter runs only in one extra pass after the timed
     rounds (its allocator settings would slow the timed steps)."""
-    from seglight.commands.bench import _random_batches, bench_training
-
     runner = cpu_runner()
     model, peers, _ = build_peers(
         runner, MODELS["UNet"], {"encoder": "original", "base_channels": 4}, 3, 3, {"raw"}, False
@@ -104,7 +99,7 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     start, stop = MemoryMeter.start, MemoryMeter.stop
     monkeypatch.setattr(MemoryMeter, "start", lambda self: (order.append("m+"), start(self))[1])
     monkeypatch.setattr(MemoryMeter, "stop", lambda self: (order.append("m-"), stop(self))[1])
-    batches = _random_batches(2, 2, 3, [32, 32], 3, runner)
+    batches = random_batches(2, 2, 3, [32, 32], 3, runner)
     seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1)
     assert len(seglight.seconds) == len(peer.train.seconds) == 3
     # warm-up 1 + 3 rounds x 2 steps, then the memory pass of each (2 steps), then 1 closing
@@ -122,8 +117,6 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
 
 
 def test_median_ci_uses_order_statistics():
-    from seglight.commands.bench import median_ci
-
     values = [1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0, 10.0]
     # n = 10: P(Bin(10, 1/2) <= 1) = 0.011 but P(<= 2) = 0.055, so the 2nd and 9th values
     assert median_ci(values) == (2.0, 9.0)
