@@ -100,7 +100,7 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     monkeypatch.setattr(MemoryMeter, "start", lambda self: (order.append("m+"), start(self))[1])
     monkeypatch.setattr(MemoryMeter, "stop", lambda self: (order.append("m-"), stop(self))[1])
     batches = random_batches(2, 2, 3, [32, 32], 3, runner)
-    seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1)
+    seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1).train
     assert len(seglight.seconds) == len(peer.train.seconds) == 3
     # warm-up 1 + 3 rounds x 2 steps, then the memory pass of each (2 steps), then 1 closing
     # step for seglight; the peer: warm-up + rounds
@@ -114,6 +114,25 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     )
     if sys.platform == "linux":
         assert len(seglight.peak) == len(peer.train.peak) == 1
+
+
+def test_profile_shows_where_each_peers_step_goes(capsys):
+    """`--profile`: one profiled pass of each peer after the timed rounds; operators side by
+    side, seglight's Lightning hooks and the raw loop's phases named."""
+    results = run([*TINY, *FAST, "--peers", "raw", "--skip", "infer", "--no-memory", "--profile"])
+    profiles = results["profile"]
+    assert list(profiles) == ["seglight UNet", "raw loop (UNet)"]
+    for profile in profiles.values():
+        assert profile["step_ms"] > 0 and profile["ops"]
+        assert any(r["name"] == "aten::convolution_backward" for r in profile["ops"])
+    seglight = {r["name"] for r in profiles["seglight UNet"]["phases"]}
+    assert "[LightningModule]UNet.optimizer_step" in seglight and "run_training_batch" in seglight
+    raw = {r["name"] for r in profiles["raw loop (UNet)"]["phases"]}
+    assert {"zero_grad", "forward + loss", "backward", "optimizer.step"} <= raw
+    # the timed rounds are as many as without a profile
+    assert len(results["train"][0]["rates"]) == 2
+    printed = capsys.readouterr().out
+    assert "where each peer's training step goes" in printed and "seglight - raw loop" in printed
 
 
 def test_median_ci_uses_order_statistics():
@@ -218,6 +237,32 @@ def test_memory_meter_sees_each_rounds_allocation():
     assert sizes[0] == pytest.approx(200, abs=20)
     assert sizes[1] == pytest.approx(50, abs=20)
     assert sizes[2] == pytest.approx(200, abs=20)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings")
+def test_memory_meter_changes_the_allocator_only_between_start_and_stop(monkeypatch):
+    """The meter's allocator settings (a small mmap threshold) slow every step: building the
+    meter before the timed rounds must not apply them; stop() puts back the rounds' settings."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim",))
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    meter = MemoryMeter(torch.device("cpu"))
+    assert meter.available and calls == []
+    meter.start()
+    assert calls == [("mallopt", -3, 256 * 1024), ("trim",)]
+    meter.stop()
+    assert calls[2:] == [("mallopt", -3, 2**30), ("mallopt", -1, 2**30)]  # keep_freed_memory
 
 
 def test_data_bench_measures_both_paths(fake_camvid):

@@ -99,6 +99,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
         "time (with --threads 1 on a shared CPU: the work each step does, not the waiting)")  # fmt: skip
     add("--memory", action=argparse.BooleanOptionalAction, default=True,
         help="a memory pass of each peer after the timed rounds")  # fmt: skip
+    add("--profile", action="store_true", help="a profiled training pass of each peer after the "
+        "timed rounds: where each one's step goes (top operators, Lightning's hooks, the plain "
+        "loops' phases), side by side")  # fmt: skip
     add("--losses", help="comma-separated loss names (seglight.losses: ce, dice, focal, lovasz, "
         "ohem, ...): time forward+backward of each")  # fmt: skip
     add("--loss-sizes", default="256,512,1024", help="square sizes for --losses")
@@ -204,7 +207,7 @@ def _run(argv: list[str]) -> dict:
     for peer in [own, *peers]:
         peer.gflops = count_flops(peer.module.to(device), (1, in_channels, *args.size)) / 1e9
     if "train" not in skip:
-        own.train = bench_training(
+        trained = bench_training(
             model,
             peers,
             batches,
@@ -214,7 +217,9 @@ def _run(argv: list[str]) -> dict:
             args.warmup,
             args.cudnn_benchmark,
             args.memory,
+            args.profile,
         )
+        own.train, own.profile = trained.train, trained.profile
     if "infer" not in skip:
         model.to(device)  # Trainer.fit hands the model back on the CPU
         own.predict = lambda image: model.predict_step({"image": image}, 0)["pred"]
@@ -224,6 +229,8 @@ def _run(argv: list[str]) -> dict:
         )
     results: dict[str, Any] = summarise(own, peers, args.batch_size, args.steps, device)
     results["notes"] = notes
+    if own.profile is not None:
+        results["profile"] = {p.name: p.profile for p in [own, *peers] if p.profile is not None}
     results["setup"] = {
         "model": model_cls.__name__,
         "model_options": shown_options,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,9 @@ class MemoryMeter:
     """Peak bytes allocated during a measured section above what was allocated at its start.
 
     CUDA: max_memory_allocated. CPU (Linux): the resident set's high-water mark (see the module
-    docstring); `available` is False elsewhere.
+    docstring); `available` is False elsewhere. The CPU meter's allocator settings hold from
+    start() to stop() only: building a meter changes nothing (it once set them when built,
+    before the timed rounds, and slowed those rounds, seglight's more than the raw loop's).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -55,9 +58,7 @@ class MemoryMeter:
             return False
         try:
             self._libc = ctypes.CDLL("libc.so.6")
-            # a fixed mmap threshold (M_MMAP_THRESHOLD = -3): tensor-sized blocks are mapped and
-            # unmapped on free, instead of glibc raising the threshold and keeping them in its heap
-            self._libc.mallopt(-3, 256 * 1024)
+            self._libc.mallopt  # noqa: B018 (glibc, not musl)
         except (OSError, AttributeError):
             self._libc = None
         return True
@@ -79,7 +80,10 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         if self._libc is not None:
-            self._libc.mallopt(-3, 256 * 1024)  # see _prepare_cpu
+            # a fixed mmap threshold (M_MMAP_THRESHOLD = -3): tensor-sized blocks are mapped and
+            # unmapped on free, instead of kept in glibc's heap, where they would hide the next
+            # pass's allocations; until stop()
+            self._libc.mallopt(-3, 256 * 1024)
             self._libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         self._start = self._status_kb("VmRSS") * 1024
@@ -92,10 +96,20 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self._start
         peak = max(0, self._status_kb("VmHWM") * 1024 - self._start)
-        from seglight.threads import keep_freed_memory
-
-        keep_freed_memory()  # back to the allocator settings the timed rounds run with
+        if self._libc is not None:
+            _restore_allocator(self._libc)
         return peak
+
+
+def _restore_allocator(libc: Any) -> None:
+    """The allocator settings the timed rounds run with: seglight.threads.keep_freed_memory, or
+    the user's MALLOC_MMAP_THRESHOLD_ where it is set."""
+    from seglight.threads import keep_freed_memory
+
+    if not keep_freed_memory():
+        user = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+        if user.isdigit():
+            libc.mallopt(-3, int(user))
 
 
 def _tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from seglight.commands.bench.measure import Measured
+from seglight.commands.bench.profiling import phase
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -89,6 +90,7 @@ class Peer:
     step: Callable[[dict], None] | None = None
     optimizer: torch.optim.Optimizer | None = None
     gflops: float | None = None  # per image, forward (seglight.profile.count_flops)
+    profile: dict | None = None  # the training step's profile (bench --profile)
     train: Measured = field(default_factory=Measured)
     infer: Measured = field(default_factory=Measured)
 
@@ -137,6 +139,7 @@ class Runner:
         self.dtype = PRECISIONS[precision]
         self.channels_last = channels_last and device.type == "cuda"
         self.total_steps = total_steps
+        self.labels = False  # the plain loops' phases as profiler ranges (bench --profile)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -161,18 +164,21 @@ class Runner:
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
         def step(batch: dict) -> None:
-            # zero_grad first, as Lightning does: gradients live between steps in both
-            optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
+            labels = self.labels
+            with phase(labels, "zero_grad"):
+                optimizer.zero_grad(set_to_none=True)
+            with phase(labels, "forward + loss"), self.autocast():
                 value = loss(run(batch["image"]), batch["mask"])
-            if scaler is None:
-                value.backward()
-                optimizer.step()
-            else:
-                scaler.scale(value).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            scheduler.step()
+            with phase(labels, "backward"):
+                (value if scaler is None else scaler.scale(value)).backward()
+            with phase(labels, "optimizer.step"):
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+            with phase(labels, "scheduler.step"):
+                scheduler.step()
 
         def predict(image: torch.Tensor) -> torch.Tensor:
             with self.autocast():

@@ -155,6 +155,8 @@ def print_report(results: dict, console: Any = None) -> None:
                 fmt(row["setup_s"], ".1f"),
             )
         console.print(table)
+    if results.get("profile"):
+        print_profile(results["profile"], console=console)
     for note in results.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
 
@@ -173,3 +175,70 @@ def print_loss_report(rows: list[dict], shape: str, console: Any = None) -> None
             f"{row['min']:.1f}-{row['max']:.1f}", f"{row['ms_per_mpixel']:.1f}",
         )  # fmt: skip
     (console or Console(width=140)).print(table)
+
+
+def print_profile(profiles: dict[str, dict], top: int = 15, console: Any = None) -> None:
+    """The tables of `bench --profile` (profiling.StepProfile.summary per peer, seglight's first),
+    in ms per step: the step split into operators and what is outside them, the operators that
+    differ most between seglight and the first peer, the top operators by self time, and each
+    peer's phases (Lightning's hooks and actions; a plain loop's zero_grad ... scheduler.step)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 140))
+    names = list(profiles)
+    ops = {name: {r["name"]: r for r in p["ops"]} for name, p in profiles.items()}
+    first, second = names[0], names[1] if len(names) > 1 else None
+
+    def ms(name: str, op: str) -> float:
+        row = ops[name].get(op)
+        return row["self_ms"] if row else 0.0
+
+    def cell(name: str, op: str) -> str:
+        row = ops[name].get(op)
+        return "-" if row is None else f"{row['self_ms']:.2f} ({row['calls']:g})"
+
+    diff_head = [f"{first.split()[0]} - {second.split(' (')[0]}"] if second else []
+    table = Table(title="profile: where each peer's training step goes, ms per step (self time; "
+                  "(calls per step)); one profiled pass after the timed rounds")  # fmt: skip
+    for col in ("", *names, *diff_head):
+        table.add_column(col, justify="left" if not col else "right")
+    summary_rows = [
+        ("step (wall clock, profiler on)", "step_ms"),
+        ("  in operators", None),
+        ("  outside operators (Python: loop, hooks, profiler)", "outside_ms"),
+    ]
+    for label, key in summary_rows:
+        values = [p[key] if key else p["step_ms"] - p["outside_ms"] for p in profiles.values()]
+        extra = [f"{values[0] - values[1]:+.2f}"] if second else []
+        table.add_row(label, *(f"{v:.2f}" for v in values), *extra)
+    if second:
+        table.add_section()
+        every = set(ops[first]) | set(ops[second])
+        apart = sorted(every, key=lambda op: -abs(ms(first, op) - ms(second, op)))[:top]
+        for op in apart:
+            table.add_row(
+                op[:70], *(cell(n, op) for n in names), f"{ms(first, op) - ms(second, op):+.2f}"
+            )
+        table.caption = f"below the line: the {top} operators whose time differs most"
+    console.print(table)
+
+    table = Table(title=f"profile: the top {top} operators by self time, ms per step (calls)")
+    for col in ("operator", *names):
+        table.add_column(col, justify="left" if col == "operator" else "right")
+    heaviest: list[str] = []
+    for name in names:
+        heaviest += [r["name"] for r in profiles[name]["ops"][:top] if r["name"] not in heaviest]
+    for op in sorted(heaviest, key=lambda op: -max(ms(n, op) for n in names))[:top]:
+        table.add_row(op[:70], *(cell(n, op) for n in names))
+    console.print(table)
+
+    for name, p in profiles.items():
+        table = Table(title=f"profile: {name}'s phases and hooks, ms per step")
+        for col in ("phase", "total", "self (outside operators)", "calls"):
+            table.add_column(col, justify="left" if col == "phase" else "right")
+        for row in p["phases"][:top]:
+            table.add_row(
+                row["name"][:80], f"{row['ms']:.2f}", f"{row['self_ms']:.2f}", f"{row['calls']:g}"
+            )
+        console.print(table)

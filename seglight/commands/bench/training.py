@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from seglight.commands.bench.measure import (
-    Measured,
     MemoryMeter,
     now,
     peak_bytes,
@@ -24,6 +23,7 @@ from seglight.commands.bench.measure import (
     timed,
 )
 from seglight.commands.bench.peers import Peer, Runner
+from seglight.commands.bench.profiling import StepProfile, hook_labels
 
 
 class _Batches:
@@ -53,40 +53,51 @@ def bench_training(
     warmup: int,
     cudnn_benchmark: bool = True,
     memory: bool = True,
-) -> Measured:
+    profile: bool = False,
+) -> Peer:
     """Interleaved training rounds of seglight (inside Trainer.fit) and its peers: at each round
-    boundary a callback closes seglight's round, runs one round of every peer, and opens the next.
-    After the timed rounds, one memory pass of each (`memory`). Returns seglight's rounds; the
-    peers' are recorded in them."""
+    boundary a callback closes seglight's pass, runs the same pass of every peer, and opens
+    seglight's next. After the timed rounds, one memory pass of each (`memory`), then one
+    profiled pass of each (`profile`, seglight.commands.bench.profiling). Returns seglight as a
+    Peer (its rounds in .train, its profile in .profile); the peers' are recorded in them."""
     import lightning as L
 
     device = runner.device
     meter = MemoryMeter(device) if memory else None
-    own = Measured()
-    # round k starts at step warmup + k * steps; round `rounds` is the memory pass
-    passes = rounds + (1 if meter is not None else 0)
-    boundaries = {warmup + k * steps: k for k in range(passes + 1)}
+    labels = hook_labels() if profile else None
+    own = Peer("seglight", model, model.forward)
+    # pass k starts at step warmup + k * steps
+    passes = ["time"] * rounds + ["memory"] * (meter is not None) + ["profile"] * profile
+    boundaries = {warmup + k * steps: k for k in range(len(passes) + 1)}
 
     def batch(i: int) -> dict:
         return batches[i % len(batches)]
 
-    def peers_round(k: int) -> None:
+    def peers_pass(k: int) -> None:
         for peer in peers:
             assert peer.step is not None
             work = lambda i, p=peer: p.step(batch(i))  # noqa: E731
             if k == 0:
                 for i in range(warmup):
                     work(i)
-            if k < rounds:
+            if passes[k] == "time":
                 peer.train.seconds.append(timed(work, steps, device))
-            else:
+            elif passes[k] == "memory":
                 assert meter is not None
                 peak = peak_bytes(work, steps, meter)
                 if peak is not None:
                     peer.train.peak.append(peak + persistent_bytes(peer.module, peer.optimizer))
+            else:
+                runner.labels = True
+                with StepProfile(device) as recorded:
+                    for i in range(steps):
+                        work(i)
+                runner.labels = False
+                peer.profile = recorded.summary(steps)
 
     class Interleave(L.Callback):
         calls, t0 = 0, 0.0
+        recorded: StepProfile | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             k = boundaries.get(self.calls)
@@ -94,21 +105,34 @@ def bench_training(
             if k is None:
                 return
             sync(device)
-            if 0 < k <= rounds:  # close seglight's timed round k - 1
-                own.seconds.append(now() - self.t0)
-            elif k > rounds and meter is not None:  # close its memory pass
+            done = passes[k - 1] if k > 0 else None  # close seglight's pass k - 1
+            if done == "time":
+                own.train.seconds.append(now() - self.t0)
+            elif done == "memory":
+                assert meter is not None
                 state = persistent_bytes(pl_module, trainer.optimizers[0])
                 peak = _plus(meter.stop(), state)
                 if peak is not None:
-                    own.peak.append(peak)
-            if k < passes:
-                peers_round(k)
-                if k == rounds and meter is not None:
-                    meter.start()
-                sync(device)
-                self.t0 = now()
+                    own.train.peak.append(peak)
+            elif done == "profile":
+                assert labels is not None and self.recorded is not None
+                labels.on = False
+                self.recorded.__exit__(None, None, None)
+                own.profile = self.recorded.summary(steps)
+            if k == len(passes):
+                return
+            peers_pass(k)
+            if passes[k] == "memory":
+                assert meter is not None
+                meter.start()
+            elif passes[k] == "profile":
+                assert labels is not None
+                self.recorded = StepProfile(device).__enter__()
+                labels.on = True
+            sync(device)
+            self.t0 = now()
 
-    total = warmup + passes * steps + 1  # the last step only closes the last round
+    total = warmup + len(passes) * steps + 1  # the last step only closes the last pass
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
@@ -123,6 +147,7 @@ def bench_training(
         benchmark=cudnn_benchmark if device.type == "cuda" else None,
         default_root_dir=tempfile.mkdtemp(prefix="seglight-bench-"),
         callbacks=[Interleave()],
+        profiler=labels,
     )
     trainer.fit(model, train_dataloaders=_Batches(batches, total))
     return own
