@@ -135,6 +135,47 @@ def test_profile_shows_where_each_peers_step_goes(capsys):
     assert "where each peer's training step goes" in printed and "seglight - raw loop" in printed
 
 
+def test_precisions_are_compared_on_the_raw_loop(capsys):
+    """`--precision 32,bf16-mixed`: seglight at the first, the raw loop at each, and a table of
+    each variant's speed against the first; the CPU's bf16 support is named."""
+    results = run([*TINY, *FAST, "--peers", "raw", "--skip", "infer", "--no-memory",
+                   "--precision", "32,bf16-mixed"])  # fmt: skip
+    assert [r["peer"] for r in results["train"]] == [
+        "seglight UNet", "raw loop (UNet, 32)", "raw loop (UNet, bf16-mixed)"]  # fmt: skip
+    rows = results["variants"]["train"]
+    assert [r["peer"] for r in rows] == ["raw loop (UNet, 32)", "raw loop (UNet, bf16-mixed)"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    assert any(n.startswith("bf16-mixed: this CPU has") for n in results["notes"])
+    assert "precision and torch.compile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--precision", "32,64"], "--precision: expected one or more of"),
+     (["--compile", "maybe"], "--compile: expected one or more of false, true")],
+)  # fmt: skip
+def test_variant_options_are_checked(args, message):
+    with pytest.raises(ConfigError, match=message):
+        run([*TINY, *FAST, *args])
+
+
+def test_native_bf16_is_detected_from_the_cpu_flags(tmp_path, monkeypatch):
+    from seglight.hardware import native_bf16
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert native_bf16(cpuinfo) == "AVX512_BF16"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    assert native_bf16(cpuinfo) is None
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n")  # Arm
+    assert native_bf16(cpuinfo) == "Arm BF16"
+    assert native_bf16(tmp_path / "missing") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16(cpuinfo) == "AMX-BF16"  # torch's own probe first
+
+
 def test_median_ci_uses_order_statistics():
     values = [1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0, 10.0]
     # n = 10: P(Bin(10, 1/2) <= 1) = 0.011 but P(<= 2) = 0.055, so the 2nd and 9th values

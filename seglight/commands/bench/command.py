@@ -23,13 +23,17 @@ from seglight.commands.bench.peers import (
     Peer,
     Runner,
     build_peers,
+    cpu_precision_notes,
     random_batches,
+    raw_variants,
+    variant_label,
 )
 from seglight.commands.bench.report import (
     print_loader_report,
     print_loss_report,
     print_report,
     summarise,
+    variant_rows,
 )
 from seglight.commands.bench.training import bench_training
 from seglight.errors import ConfigError
@@ -73,7 +77,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
     add("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="input size")
     add("--batch-size", type=int, default=2, help="batch size of the model runs")
     add("--num-classes", type=int, help="default: the data's, else 11")
-    add("--precision", choices=sorted(PRECISIONS), help="default: bf16-mixed on a GPU, else 32")
+    add("--precision", help="comma-separated, of " + ", ".join(PRECISIONS) + " (default: bf16-mixed "
+        "on a GPU, else 32); with several, seglight runs at the first and the raw loop at each")  # fmt: skip
     add("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:N")
     add("--rounds", type=int, default=10, help="timed rounds per peer (10: a 95%% CI of the "
         "median ratio from the 2nd to the 9th round)")  # fmt: skip
@@ -88,7 +93,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, dict]]:
     add("--loader", metavar="WORKERS", help="without a model: the training loader's per-sample "
         "costs (decode, transform) and its images/s with these worker counts, e.g. 0,1,2")  # fmt: skip
     add("--loader-samples", type=int, default=200, help="samples timed one by one for --loader")
-    add("--compile", action="store_true", help="torch.compile every network")
+    add("--compile", nargs="?", const="true", default="false", help="torch.compile every network "
+        "(--compile, or --compile true); --compile false,true: the raw loop both ways")  # fmt: skip
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="channels_last memory format for every network (on CUDA)")  # fmt: skip
     add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
@@ -176,9 +182,13 @@ def _run(argv: list[str]) -> dict:
         datamodule = data_cls(**{**data_kwargs, **overrides["data"]})
 
     device = _device(args.device)
-    precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32")
-    if precision == "16-mixed" and device.type != "cuda":
+    precisions = _choices(args.precision or ("bf16-mixed" if device.type == "cuda" else "32"),
+                          "--precision", list(PRECISIONS))  # fmt: skip
+    if "16-mixed" in precisions and device.type != "cuda":
         raise ConfigError("--precision 16-mixed needs a CUDA GPU; use bf16-mixed or 32 on the CPU")
+    compiles = [c == "true" for c in _choices(args.compile, "--compile", ["false", "true"])]
+    precision, compiled = precisions[0], compiles[0]
+    variants = [(p, c) for p in precisions for c in compiles]
     wanted = {"raw", "smp", "torchvision"} if args.peers == "auto" else set(args.peers.split(","))
     if wanted - {"raw", "smp", "torchvision", "none"}:
         raise ConfigError(
@@ -188,20 +198,27 @@ def _run(argv: list[str]) -> dict:
         wanted.discard("torchvision")
     if {"train", "infer"} <= skip:
         wanted = set()
-    model_kwargs.update(channels_last=args.channels_last, compile=args.compile)
+    model_kwargs.update(channels_last=args.channels_last, compile=compiled)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     num_classes = args.num_classes or (datamodule.num_classes if datamodule is not None else 11)
     in_channels = datamodule.in_channels if datamodule is not None else 3
-    runner = Runner(
-        device, precision, args.channels_last, args.warmup + args.rounds * args.steps + 1
-    )
+    runners = {
+        p: Runner(device, p, args.channels_last, args.warmup + args.rounds * args.steps + 1)
+        for p in precisions
+    }
+    runner = runners[precision]
     configure_threads(0, requested=args.threads)
     use_clock(args.clock)
 
     model, peers, notes = build_peers(
-        runner, model_cls, model_kwargs, num_classes, in_channels, wanted, args.compile
-    )
+        runner, model_cls, model_kwargs, num_classes, in_channels, wanted, compiled,
+        variant_label(precision, compiled) if len(variants) > 1 else "",
+    )  # fmt: skip
+    if len(variants) > 1 and "raw" in wanted:  # the raw loop at the other variants, after it
+        others = [(runners[p], c) for p, c in variants[1:]]
+        peers[1:1] = raw_variants(others, model_cls, model_kwargs, num_classes, in_channels)
+    notes += cpu_precision_notes(device, precisions)
     batches = random_batches(2, args.batch_size, in_channels, args.size, num_classes, runner)
     own = Peer(f"seglight {model_cls.__name__}", model.net, model.forward)
     for peer in [own, *peers]:
@@ -229,6 +246,8 @@ def _run(argv: list[str]) -> dict:
         )
     results: dict[str, Any] = summarise(own, peers, args.batch_size, args.steps, device)
     results["notes"] = notes
+    if len(variants) > 1 and "raw" in wanted:
+        results["variants"] = variant_rows(peers[: len(variants)], args.batch_size, args.steps)
     if own.profile is not None:
         results["profile"] = {p.name: p.profile for p in [own, *peers] if p.profile is not None}
     results["setup"] = {
@@ -239,6 +258,7 @@ def _run(argv: list[str]) -> dict:
         "in_channels": in_channels,
         "num_classes": num_classes,
         "precision": precision,
+        "compile": compiled,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
@@ -262,6 +282,15 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _choices(value: str, option: str, known: list[str]) -> list[str]:
+    """A comma-separated list of values of `option`, each one of `known`."""
+    values = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in values if v not in known]
+    if bad or not values:
+        raise ConfigError(f"{option}: expected one or more of {', '.join(known)}, got {value!r}")
+    return values
 
 
 def _ints(value: str, option: str, expected: str) -> list[int]:

@@ -233,9 +233,11 @@ def build_peers(
     in_channels: int,
     wanted: set[str],
     compile: bool,
+    raw_label: str = "",
 ) -> tuple[nn.Module, list[Peer], list[str]]:
     """The seglight model and its peers (raw loop, smp, torchvision), and notes on skipped ones.
-    Every network starts from the same seed."""
+    Every network starts from the same seed. `raw_label` follows the raw loop's name (its
+    variant, when there are several: raw_variants)."""
 
     def build() -> nn.Module:
         torch.manual_seed(0)
@@ -254,7 +256,11 @@ def build_peers(
         twin.configure_model()  # the memory format and compilation it gets under the Trainer
         peers.append(
             runner.plain_peer(
-                f"raw loop ({name})", twin.net, twin.compute_loss, twin.parameter_groups(), hp
+                f"raw loop ({name}{raw_label})",
+                twin.net,
+                twin.compute_loss,
+                twin.parameter_groups(),
+                hp,
             )
         )
     if "smp" in wanted:
@@ -283,6 +289,54 @@ def build_peers(
                 runner.plain_peer(f"torchvision {tv_name}", net, loss, groups, hp, compile)
             )
     return model, peers, notes
+
+
+def cpu_precision_notes(device: torch.device, precisions: list[str]) -> list[str]:
+    """A note where bf16 runs on a CPU without native bf16 (seglight.hardware.native_bf16)."""
+    from seglight.hardware import native_bf16
+
+    if device.type != "cpu" or "bf16-mixed" not in precisions:
+        return []
+    native = native_bf16()
+    if native is not None:
+        return [f"bf16-mixed: this CPU has {native} (native bf16)"]
+    return [
+        "bf16-mixed: this CPU has no native bf16 (no AVX512_BF16, AMX or Arm BF16): oneDNN "
+        "emulates it, expect it slower than 32"
+    ]
+
+
+def variant_label(precision: str, compiled: bool) -> str:
+    """How a variant (precision, torch.compile) is named after a peer's name."""
+    return f", {precision}{', compiled' if compiled else ''}"
+
+
+def raw_variants(
+    variants: list[tuple[Runner, bool]],
+    cls: type,
+    model_kwargs: dict,
+    num_classes: int,
+    in_channels: int,
+) -> list[Peer]:
+    """The model's raw loop at each (runner's precision, torch.compile) variant: `bench
+    --precision 32,bf16-mixed --compile false,true` times them all side by side."""
+    peers = []
+    for runner, compiled in variants:
+        torch.manual_seed(0)
+        twin = cls(num_classes=num_classes, in_channels=in_channels,
+                   **{**model_kwargs, "compile": compiled}).to(runner.device)  # fmt: skip
+        twin.configure_model()
+        label = variant_label(runner.precision, compiled)
+        peers.append(
+            runner.plain_peer(
+                f"raw loop ({cls.__name__}{label})",
+                twin.net,
+                twin.compute_loss,
+                twin.parameter_groups(),
+                twin.hparams,
+            )
+        )
+    return peers
 
 
 def random_batches(

@@ -90,6 +90,27 @@ def summarise(
     return out
 
 
+def variant_rows(peers: list[Peer], batch_size: int, steps: int) -> dict[str, list[dict]]:
+    """Per kind ("train", "infer"), the raw loop at each variant (precision, torch.compile)
+    against the first variant: ms per batch, images/s, and the median of the per-round speed
+    ratios (variant / first, > 1: faster) with its 95% confidence interval."""
+    out: dict[str, list[dict]] = {}
+    for kind in ("train", "infer"):
+        measured = [getattr(peer, kind).seconds for peer in peers]
+        if not all(measured):
+            continue
+        rows = []
+        for peer, seconds in zip(peers, measured, strict=True):
+            ratios = [a / b for a, b in zip(measured[0], seconds, strict=True)]
+            rows.append(
+                {"peer": peer.name, "ms_per_batch": 1000 * statistics.median(seconds) / steps,
+                 "images_per_s": statistics.median(batch_size * steps / s for s in seconds),
+                 "speedup": statistics.median(ratios), "speedup_ci": median_ci(ratios)}
+            )  # fmt: skip
+        out[kind] = rows
+    return out
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -154,6 +175,20 @@ def print_report(results: dict, console: Any = None) -> None:
                 f"{row['min']:.1f}-{row['max']:.1f}",
                 fmt(row["setup_s"], ".1f"),
             )
+        console.print(table)
+    for kind, rows in (results.get("variants") or {}).items():
+        table = Table(
+            title=f"precision and torch.compile: the raw loop's {titles[kind].split(':')[0]}",
+            caption="speed-up = the first row's time ÷ the row's, median of the per-round "
+            "ratios [95% CI] (> 1: faster)",
+        )
+        for col in ("variant", "ms/batch", "images/s", "speed-up", "95% CI"):
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for row in rows:
+            table.add_row(
+                row["peer"], f"{row['ms_per_batch']:.1f}", f"{row['images_per_s']:.2f}",
+                f"{row['speedup']:.3f}", "{:.3f}-{:.3f}".format(*row["speedup_ci"]),
+            )  # fmt: skip
         console.print(table)
     if results.get("profile"):
         print_profile(results["profile"], console=console)
