@@ -469,11 +469,17 @@ class SegmentationModel(L.LightningModule):
             NonFiniteLossCheck,
             PredictionWriter,
             SafeCheckpoints,
+            ThreadsRecheck,
         )
 
-        # also: checkpoints written atomically with the random states (exact resume), and a
-        # stop with a clear error at a NaN/Inf training loss
-        callbacks: list = [MetricsSummary(), SafeCheckpoints(), NonFiniteLossCheck()]
+        # also: checkpoints written atomically with the random states (exact resume), a stop
+        # with a clear error at a NaN/Inf training loss, and torch's threads following the load
+        callbacks: list = [
+            MetricsSummary(),
+            SafeCheckpoints(),
+            NonFiniteLossCheck(),
+            ThreadsRecheck(),
+        ]
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             callbacks.append(PredictionWriter())
         return callbacks

@@ -208,7 +208,7 @@ def _run(argv: list[str]) -> dict:
         for p in precisions
     }
     runner = runners[precision]
-    configure_threads(0, requested=args.threads)
+    configure_threads(0, requested=args.threads, watch=False)
     use_clock(args.clock)
 
     model, peers, notes = build_peers(
@@ -311,7 +311,7 @@ def _run_losses(args: argparse.Namespace, argv: list[str]) -> dict:
         raise ConfigError(f"--losses: unknown {unknown} (known: {', '.join(LOSSES)})")
     sizes = _ints(args.loss_sizes, "--loss-sizes", "sizes like 256,512")
     device = _device(args.device)
-    threads = configure_threads(0, requested=args.threads)
+    threads = configure_threads(0, requested=args.threads, watch=False)
     use_clock(args.clock)
     num_classes = args.num_classes or 11
     rows = bench_losses(
@@ -339,7 +339,7 @@ def _run_loader(args: argparse.Namespace, argv: list[str], config: dict, overrid
     workers = _ints(args.loader, "--loader", "worker counts like 0,1,2")
     data_cls, data_kwargs = _resolve(args.data or config["data"], DATASETS, "data")
     datamodule = data_cls(**{**data_kwargs, **overrides})
-    threads = configure_threads(0, requested=args.threads)
+    threads = configure_threads(0, requested=args.threads, watch=False)
     use_clock(args.clock)
     results = bench_loader(
         datamodule, workers, None, args.loader_samples, args.data_rounds, args.data_batches or 20
