@@ -102,10 +102,10 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     batches = random_batches(2, 2, 3, [32, 32], 3, runner)
     seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1).train
     assert len(seglight.seconds) == len(peer.train.seconds) == 3
-    # warm-up 1 + 3 rounds x 2 steps, then the memory pass of each (2 steps), then 1 closing
-    # step for seglight; the peer: warm-up + rounds
+    # the peer's warm-up, then seglight's (1 step each), 3 rounds x 2 steps, then the memory
+    # pass of each (2 steps), then 1 closing step for seglight
     assert order == (
-        ["seglight", "raw", "raw", "raw"]
+        ["raw", "seglight", "raw", "raw"]
         + (["seglight"] * 2 + ["raw"] * 2) * 2
         + ["seglight"] * 2
         + ["m+", "raw", "raw", "m-", "m+"]

@@ -10,7 +10,9 @@ What the pass records, per step:
   backward, optimizer.step, scheduler.step;
 - the step's wall time (the profiler's operator times are wall times too, whatever `--clock`
   says), and what of it is outside every operator (Python: the loop, the hooks, logging, and
-  the profiler's own bookkeeping; on a busy machine also the time the process waited).
+  the profiler's own bookkeeping; on a busy machine also the time the process waited);
+- its CPU time and page faults (a step that gets fresh pages from the kernel again and again
+  pays for zeroing them inside whichever operator touches them first).
 
 report.print_profile shows the operators side by side with seglight's time minus each peer's,
 the largest differences first, so the next gap is found in one command.
@@ -73,18 +75,21 @@ class StepProfile:
     def __enter__(self) -> StepProfile:
         sync(self.device)
         self._profiler.__enter__()
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0, self._faults0 = time.perf_counter(), time.process_time(), _faults()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         sync(self.device)
         self.seconds = time.perf_counter() - self._t0
+        self.cpu_seconds = time.process_time() - self._cpu0
+        self.faults = _faults() - self._faults0
         self._profiler.__exit__(*exc)
 
     def summary(self, steps: int) -> dict[str, Any]:
         """{"step_ms", "ops": [{"name", "calls", "self_ms", "device_ms"}], "phases": [{"name",
-        "calls", "ms", "self_ms"}], "outside_ms"}: per step; ops by CPU self time (device_ms: the
-        GPU's), phases by their total time; outside_ms: the step's time outside every operator."""
+        "calls", "ms", "self_ms"}], "outside_ms", "cpu_ms", "faults"}: per step; ops by CPU self
+        time (device_ms: the GPU's), phases by their total time; outside_ms: the step's time
+        outside every operator; cpu_ms: the process's CPU time; faults: its page faults."""
         ops, phases = [], []
         for event in self._profiler.key_averages():
             row = {
@@ -102,4 +107,16 @@ class StepProfile:
         phases.sort(key=lambda r: -r["ms"])
         step_ms = 1000 * self.seconds / steps
         inside = sum(r["self_ms"] for r in ops)
-        return {"step_ms": step_ms, "ops": ops, "phases": phases, "outside_ms": step_ms - inside}
+        return {"step_ms": step_ms, "ops": ops, "phases": phases, "outside_ms": step_ms - inside,
+                "cpu_ms": 1000 * self.cpu_seconds / steps, "faults": self.faults / steps}  # fmt: skip
+
+
+def _faults() -> int:
+    """Page faults of this process so far (minor + major; each one maps and zeroes a fresh page:
+    memory the allocator handed back and took again); 0 where there is no getrusage."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt

@@ -239,14 +239,16 @@ def print_profile(profiles: dict[str, dict], top: int = 15, console: Any = None)
     for col in ("", *names, *diff_head):
         table.add_column(col, justify="left" if not col else "right")
     summary_rows = [
-        ("step (wall clock, profiler on)", "step_ms"),
-        ("  in operators", None),
-        ("  outside operators (Python: loop, hooks, profiler)", "outside_ms"),
+        ("step (wall clock, profiler on)", "step_ms", ".2f"),
+        ("  in operators", None, ".2f"),
+        ("  outside operators (Python: loop, hooks, profiler)", "outside_ms", ".2f"),
+        ("step, CPU time of the process", "cpu_ms", ".2f"),
+        ("page faults per step", "faults", ".0f"),
     ]
-    for label, key in summary_rows:
+    for label, key, spec in summary_rows:
         values = [p[key] if key else p["step_ms"] - p["outside_ms"] for p in profiles.values()]
-        extra = [f"{values[0] - values[1]:+.2f}"] if second else []
-        table.add_row(label, *(f"{v:.2f}" for v in values), *extra)
+        extra = [format(values[0] - values[1], "+" + spec)] if second else []
+        table.add_row(label, *(format(v, spec) for v in values), *extra)
     if second:
         table.add_section()
         every = set(ops[first]) | set(ops[second])

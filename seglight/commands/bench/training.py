@@ -57,8 +57,8 @@ def bench_training(
 ) -> Peer:
     """Interleaved training rounds of seglight (inside Trainer.fit) and its peers: at each round
     boundary a callback closes seglight's pass, runs the same pass of every peer, and opens
-    seglight's next. After the timed rounds, one memory pass of each (`memory`), then one
-    profiled pass of each (`profile`, seglight.commands.bench.profiling). Returns seglight as a
+    seglight's next. After the timed rounds, one profiled pass of each (`profile`,
+    seglight.commands.bench.profiling), then one memory pass of each (`memory`). Returns seglight as a
     Peer (its rounds in .train, its profile in .profile); the peers' are recorded in them."""
     import lightning as L
 
@@ -67,19 +67,18 @@ def bench_training(
     labels = hook_labels() if profile else None
     own = Peer("seglight", model, model.forward)
     # pass k starts at step warmup + k * steps
-    passes = ["time"] * rounds + ["memory"] * (meter is not None) + ["profile"] * profile
+    # the profile before the memory pass: the meter trims the heap, and the steps after it
+    # page-fault their memory in again
+    passes = ["time"] * rounds + ["profile"] * profile + ["memory"] * (meter is not None)
     boundaries = {warmup + k * steps: k for k in range(len(passes) + 1)}
 
-    def batch(i: int) -> dict:
+    def batch_at(i: int) -> dict:
         return batches[i % len(batches)]
 
     def peers_pass(k: int) -> None:
         for peer in peers:
             assert peer.step is not None
-            work = lambda i, p=peer: p.step(batch(i))  # noqa: E731
-            if k == 0:
-                for i in range(warmup):
-                    work(i)
+            work = lambda i, p=peer: p.step(batch_at(i))  # noqa: E731
             if passes[k] == "time":
                 peer.train.seconds.append(timed(work, steps, device))
             elif passes[k] == "memory":
@@ -100,6 +99,14 @@ def bench_training(
         recorded: StepProfile | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.calls == 0:
+                # the peers warm up first, then seglight: every peer's first timed round then
+                # follows its own warm-up, with the others' memory already allocated (seglight's
+                # first round, run after the peers' warm-up, page-faulted 10k times per step)
+                for peer in peers:
+                    assert peer.step is not None
+                    for i in range(warmup):
+                        peer.step(batch_at(i))
             k = boundaries.get(self.calls)
             self.calls += 1
             if k is None:
