@@ -7,7 +7,7 @@ earlier commit, interleaved in one process (README "Data loading").
 The data are experiments/unet.yaml's (CamVid train, 360x480 crops of images scaled by 0.5-2.0,
 batch 8). "before" is TrainTransform from seglight/data/transforms.py at the commit `--before`
 (read with `git show`), built with the same arguments; "after" is the checkout's. The
-measurement is `python -m seglight bench --loader`'s (seglight.commands.bench.bench_loader): per
+measurement is `python -m seglight bench --loader`'s (seglight.commands.bench.data.bench_loader): per
 sample, both transforms run on the same decoded pair with the same seed (the same random scale
 and crop), on the CPU clock with one torch thread; then DataLoader images/s per worker count,
 (workers, transform) in turn for `--rounds` rounds. Linux (workers are forked: they inherit the
@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = parser.parse_args()
 
-    from seglight.commands import bench
+    from seglight.commands.bench.data import bench_loader
+    from seglight.commands.bench.measure import use_clock
+    from seglight.commands.bench.report import print_loader_report
     from seglight.data.base import DATASETS
     from seglight.threads import configure_threads
 
@@ -60,11 +62,11 @@ def main() -> None:
         dm.crop_size, dm.scale_range, dm.hflip, dm.color_jitter, dm.mean, dm.std, dm.ignore_index
     )
     threads = configure_threads(0, requested=1)
-    bench._clock = bench.CLOCKS[args.clock]
+    use_clock(args.clock)
     workers = [int(w) for w in args.workers.split(",")]
     transforms = {f"before ({args.before})": old, "after": dm.train_transform()}
-    results = bench.bench_loader(dm, workers, transforms, args.samples, args.rounds, args.batches)
-    bench.print_loader_report(
+    results = bench_loader(dm, workers, transforms, args.samples, args.rounds, args.batches)
+    print_loader_report(
         results,
         f"CamVid train, crop {dm.crop_size}, scale {dm.scale_range}, batch {dm.batch_size}; "
         f"{args.clock} clock, {threads} torch thread",

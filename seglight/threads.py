@@ -17,10 +17,21 @@ The policy, chosen once at start-up:
   (0 workers on a single core: the main process loads);
 - torch threads = share - workers, at least 1.
 
-What the user set wins: an explicit number (`--threads N` for fit/validate/test/predict/bench,
-or SEGLIGHT_THREADS), then OMP_NUM_THREADS / MKL_NUM_THREADS (torch already follows them), then
-a torch.set_num_threads call made before the run (detected as a change from the count torch had
-when this module was imported).
+A busy machine: the cores other programs keep busy are not usable either. On 2 cores with the
+load of other programs rising to 4-5, two threads made the quickstart take 1,114 s against 130 s
+with one thread on a quiet machine. So the choice leaves out the cores that others occupy:
+- others = the 1-minute load average less this process's own running threads (its CPU time
+  over the same wall time), scaled to the usable cores' share of the machine's processors;
+  threads = min(the policy's, usable cores - floor(others)), at least 1. A load below one core
+  (a quiet machine) changes nothing;
+- at start-up (nothing of ours runs yet: others = the load), and again every RECHECK_S seconds
+  of training (LoadWatch, called by seglight.callbacks.ThreadsRecheck after each training step),
+  holding each change for HOLD_S seconds, as long as the load average takes to show it.
+
+What the user set wins, and is never re-checked: an explicit number (`--threads N` for
+fit/validate/test/predict/bench, or SEGLIGHT_THREADS), then OMP_NUM_THREADS / MKL_NUM_THREADS
+(torch already follows them), then a torch.set_num_threads call made before the run (detected as
+a change from the count torch had when this module was imported).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -135,31 +147,114 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def _busy_machine(cores: int) -> bool:
+def machine_load() -> float:
+    """The machine's 1-minute load average (0 where the system has none)."""
     try:
-        return os.getloadavg()[0] >= cores + 1
+        return os.getloadavg()[0]
     except (AttributeError, OSError):
-        return False
+        return 0.0
+
+
+def others_load(cores: int, own: float = 0.0) -> float:
+    """How many of this process's `cores` other programs keep busy: the load average less `own`
+    (this process's running threads), scaled to the share of the machine's processors that
+    `cores` are (the load average counts the whole machine's)."""
+    machine = max(cores, os.cpu_count() or cores)
+    return max(0.0, machine_load() - own) * cores / machine
+
+
+def busy_threads(policy: int, cores: int, others: float) -> int:
+    """Threads for a process whose policy gives `policy` on `cores` usable cores, when other
+    programs keep `others` cores busy: no more than the cores they leave, at least 1; others
+    below 1 (a quiet machine) leave the policy's choice as it is."""
+    return max(1, min(policy, cores - math.floor(max(0.0, others))))
+
+
+#: seconds of training between two looks at the load, and the least time a change holds
+RECHECK_S, HOLD_S = 30.0, 60.0
+
+
+class LoadWatch:
+    """Re-checks the load while training and moves torch's threads between 1 and the policy's
+    choice (module docstring). Call tick() after each training step, in the training thread
+    (torch.set_num_threads applies to the thread that calls it); costs a clock read between
+    looks."""
+
+    def __init__(self, policy: int, cores: int, threads: int) -> None:
+        self.policy, self.cores, self.threads = policy, cores, threads
+        self.changes: list[tuple[float, int, float]] = []  # (time, threads, others' load)
+        self._restart(time.monotonic())
+
+    def _restart(self, now: float, hold: float = 0.0) -> None:
+        self._wall, self._cpu = now, time.process_time()
+        self._next = now + max(RECHECK_S, hold)
+
+    def tick(self) -> int:
+        """The thread count, after a look at the load when it is time for one."""
+        now = time.monotonic()
+        if now < self._next:
+            return self.threads
+        own = (time.process_time() - self._cpu) / max(1e-6, now - self._wall)
+        others = others_load(self.cores, own)
+        wanted = busy_threads(self.policy, self.cores, others)
+        if wanted == self.threads:
+            self._restart(now)
+            return self.threads
+        global _TORCH_AT_IMPORT
+        torch.set_num_threads(wanted)
+        _TORCH_AT_IMPORT = wanted  # our own choice is not the user's
+        self.changes.append((now, wanted, others))
+        print(
+            f"seglight: {wanted} torch thread(s) from now on (other programs keep {others:.1f} "
+            f"of the {self.cores} usable core(s) busy)",
+            file=sys.stderr,
+        )
+        self.threads = wanted
+        self._restart(now, HOLD_S)
+        return wanted
+
+
+_watch: LoadWatch | None = None
+
+
+def recheck_threads() -> int | None:
+    """After a training step: re-check the load when it is time (LoadWatch); None when the thread
+    count is the user's or the load is not watched."""
+    return None if _watch is None else _watch.tick()
 
 
 def configure_threads(
-    workers: int, ranks: int = 1, requested: int | None = None, announce: bool = True
+    workers: int,
+    ranks: int = 1,
+    requested: int | None = None,
+    announce: bool = True,
+    watch: bool = True,
 ) -> int:
     """Set torch's intra-op threads by the policy (module docstring) for a process with `workers`
     loader workers, one of `ranks` on the node; `requested` (an explicit option) wins, then what
-    the user set (user_threads). Prints the choice once per process (rank zero). Returns it.
-    Also tunes the CPU allocator (keep_freed_memory)."""
-    global _announced
+    the user set (user_threads). The policy's choice leaves out the cores other programs keep
+    busy, and with `watch` the load is re-checked while training (recheck_threads). Prints the
+    choice once per process (rank zero). Returns it. Also tunes the CPU allocator
+    (keep_freed_memory)."""
+    global _announced, _watch
     keep_freed_memory()
     cores = usable_cores()
     share = cores_per_rank(ranks, cores)
+    _watch = None
+    busy = ""
     if requested is not None:
         threads, why = max(1, requested), "--threads"
     else:
         threads, why = user_threads()
         if threads is None:
-            threads = policy_threads(workers, ranks, cores)
+            policy = policy_threads(workers, ranks, cores)
             why = f"{share} usable core(s){f' per rank of {ranks}' if ranks > 1 else ''} - {workers} loader worker(s)"
+            others = others_load(cores)  # nothing of ours runs yet
+            threads = busy_threads(policy, cores, others)
+            if threads < policy:
+                busy = f"; other programs keep {others:.1f} of them busy"
+            if watch:
+                _watch = LoadWatch(policy, cores, threads)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     global _TORCH_AT_IMPORT
@@ -169,12 +264,10 @@ def configure_threads(
         note = ""
         if threads + workers > share:
             note = f"; {threads} threads + {workers} workers oversubscribe the {share} core(s)"
-        elif threads > 1 and _busy_machine(cores):
-            # other programs already keep the cores busy: a descheduled OpenMP thread stalls
-            # the others, and one thread can then be faster (the policy cannot know: a hint)
-            note = "; the machine is busy (load average above its cores): try --threads 1"
+        elif _watch is not None:
+            note = f"; the load is re-checked every {RECHECK_S:.0f} s"
         print(
-            f"seglight: {threads} torch thread(s) ({why}){note}; override with --threads N "
+            f"seglight: {threads} torch thread(s) ({why}{busy}){note}; override with --threads N "
             f"or {THREADS_ENV}/OMP_NUM_THREADS",
             file=sys.stderr,
         )

@@ -13,15 +13,12 @@ import pytest
 import torch
 
 from seglight.cli import run as cli_run
-from seglight.commands.bench import (
-    MemoryMeter,
-    Runner,
-    bench_data,
-    bench_loader,
-    build_peers,
-    parse_args,
-    run,
-)
+from seglight.commands.bench import run
+from seglight.commands.bench.command import parse_args
+from seglight.commands.bench.data import bench_data, bench_loader
+from seglight.commands.bench.measure import MemoryMeter, median_ci
+from seglight.commands.bench.peers import Runner, build_peers, random_batches
+from seglight.commands.bench.training import bench_training
 from seglight.data import CamVid
 from seglight.errors import ConfigError
 from seglight.models import MODELS
@@ -98,8 +95,6 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     """Each peer's round runs between two of seglight's: the callback calls the peers at round
     boundaries inside Trainer.fit. The memory meter runs only in one extra pass after the timed
     rounds (its allocator settings would slow the timed steps)."""
-    from seglight.commands.bench import _random_batches, bench_training
-
     runner = cpu_runner()
     model, peers, _ = build_peers(
         runner, MODELS["UNet"], {"encoder": "original", "base_channels": 4}, 3, 3, {"raw"}, False
@@ -113,13 +108,13 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
     start, stop = MemoryMeter.start, MemoryMeter.stop
     monkeypatch.setattr(MemoryMeter, "start", lambda self: (order.append("m+"), start(self))[1])
     monkeypatch.setattr(MemoryMeter, "stop", lambda self: (order.append("m-"), stop(self))[1])
-    batches = _random_batches(2, 2, 3, [32, 32], 3, runner)
-    seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1)
+    batches = random_batches(2, 2, 3, [32, 32], 3, runner)
+    seglight = bench_training(model, peers, batches, runner, rounds=3, steps=2, warmup=1).train
     assert len(seglight.seconds) == len(peer.train.seconds) == 3
-    # warm-up 1 + 3 rounds x 2 steps, then the memory pass of each (2 steps), then 1 closing
-    # step for seglight; the peer: warm-up + rounds
+    # the peer's warm-up, then seglight's (1 step each), 3 rounds x 2 steps, then the memory
+    # pass of each (2 steps), then 1 closing step for seglight
     assert order == (
-        ["seglight", "raw", "raw", "raw"]
+        ["raw", "seglight", "raw", "raw"]
         + (["seglight"] * 2 + ["raw"] * 2) * 2
         + ["seglight"] * 2
         + ["m+", "raw", "raw", "m-", "m+"]
@@ -130,9 +125,67 @@ def test_interleaving_alternates_rounds_and_memory_is_measured_apart(monkeypatch
         assert len(seglight.peak) == len(peer.train.peak) == 1
 
 
-def test_median_ci_uses_order_statistics():
-    from seglight.commands.bench import median_ci
+def test_profile_shows_where_each_peers_step_goes(capsys):
+    """`--profile`: one profiled pass of each peer after the timed rounds; operators side by
+    side, seglight's Lightning hooks and the raw loop's phases named."""
+    results = run([*TINY, *FAST, "--peers", "raw", "--skip", "infer", "--no-memory", "--profile"])
+    profiles = results["profile"]
+    assert list(profiles) == ["seglight UNet", "raw loop (UNet)"]
+    for profile in profiles.values():
+        assert profile["step_ms"] > 0 and profile["ops"]
+        assert any(r["name"] == "aten::convolution_backward" for r in profile["ops"])
+    seglight = {r["name"] for r in profiles["seglight UNet"]["phases"]}
+    assert "[LightningModule]UNet.optimizer_step" in seglight and "run_training_batch" in seglight
+    raw = {r["name"] for r in profiles["raw loop (UNet)"]["phases"]}
+    assert {"zero_grad", "forward + loss", "backward", "optimizer.step"} <= raw
+    # the timed rounds are as many as without a profile
+    assert len(results["train"][0]["rates"]) == 2
+    printed = capsys.readouterr().out
+    assert "where each peer's training step goes" in printed and "seglight - raw loop" in printed
 
+
+def test_precisions_are_compared_on_the_raw_loop(capsys):
+    """`--precision 32,bf16-mixed`: seglight at the first, the raw loop at each, and a table of
+    each variant's speed against the first; the CPU's bf16 support is named."""
+    results = run([*TINY, *FAST, "--peers", "raw", "--skip", "infer", "--no-memory",
+                   "--precision", "32,bf16-mixed"])  # fmt: skip
+    assert [r["peer"] for r in results["train"]] == [
+        "seglight UNet", "raw loop (UNet, 32)", "raw loop (UNet, bf16-mixed)"]  # fmt: skip
+    rows = results["variants"]["train"]
+    assert [r["peer"] for r in rows] == ["raw loop (UNet, 32)", "raw loop (UNet, bf16-mixed)"]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    assert any(n.startswith("bf16-mixed: this CPU has") for n in results["notes"])
+    assert "precision and torch.compile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--precision", "32,64"], "--precision: expected one or more of"),
+     (["--compile", "maybe"], "--compile: expected one or more of false, true")],
+)  # fmt: skip
+def test_variant_options_are_checked(args, message):
+    with pytest.raises(ConfigError, match=message):
+        run([*TINY, *FAST, *args])
+
+
+def test_native_bf16_is_detected_from_the_cpu_flags(tmp_path, monkeypatch):
+    from seglight.hardware import native_bf16
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert native_bf16(cpuinfo) == "AVX512_BF16"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    assert native_bf16(cpuinfo) is None
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n")  # Arm
+    assert native_bf16(cpuinfo) == "Arm BF16"
+    assert native_bf16(tmp_path / "missing") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16(cpuinfo) == "AMX-BF16"  # torch's own probe first
+
+
+def test_median_ci_uses_order_statistics():
     values = [1.0, 9.0, 2.0, 8.0, 3.0, 7.0, 4.0, 6.0, 5.0, 10.0]
     # n = 10: P(Bin(10, 1/2) <= 1) = 0.011 but P(<= 2) = 0.055, so the 2nd and 9th values
     assert median_ci(values) == (2.0, 9.0)
@@ -234,6 +287,32 @@ def test_memory_meter_sees_each_rounds_allocation():
     assert sizes[0] == pytest.approx(200, abs=20)
     assert sizes[1] == pytest.approx(50, abs=20)
     assert sizes[2] == pytest.approx(200, abs=20)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings")
+def test_memory_meter_changes_the_allocator_only_between_start_and_stop(monkeypatch):
+    """The meter's allocator settings (a small mmap threshold) slow every step: building the
+    meter before the timed rounds must not apply them; stop() puts back the rounds' settings."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim",))
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    meter = MemoryMeter(torch.device("cpu"))
+    assert meter.available and calls == []
+    meter.start()
+    assert calls == [("mallopt", -3, 256 * 1024), ("trim",)]
+    meter.stop()
+    assert calls[2:] == [("mallopt", -3, 2**30), ("mallopt", -1, 2**30)]  # keep_freed_memory
 
 
 def test_data_bench_measures_both_paths(fake_camvid):

@@ -22,6 +22,8 @@ def _restore_threads(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "_TORCH_AT_IMPORT", torch.get_num_threads())
     monkeypatch.setattr(threads, "_announced", False)
+    monkeypatch.setattr(threads, "machine_load", lambda: 0.0)  # a quiet machine, unless a test says
+    monkeypatch.setattr(threads, "_watch", None)
     yield
     torch.set_num_threads(before)
 
@@ -95,6 +97,66 @@ def test_configure_sets_torch_and_prints_once(monkeypatch, capsys):
     threads.configure_threads(workers=2)
     err = capsys.readouterr().err
     assert err.count("torch thread") == 1 and "3 usable core(s) - 1 loader worker(s)" in err
+
+
+def test_busy_threads_leave_the_cores_others_keep_busy():
+    assert threads.busy_threads(2, cores=2, others=0.0) == 2
+    assert threads.busy_threads(2, cores=2, others=0.99) == 2  # a quiet machine: unchanged
+    assert threads.busy_threads(2, cores=2, others=1.0) == 1
+    assert threads.busy_threads(2, cores=2, others=9.5) == 1  # at least one
+    assert threads.busy_threads(6, cores=8, others=3.2) == 5
+    assert threads.busy_threads(4, cores=8, others=3.2) == 4  # never above the policy's
+
+
+def test_others_load_is_the_load_less_our_own_scaled_to_our_cores(monkeypatch):
+    monkeypatch.setattr(threads, "machine_load", lambda: 3.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert threads.others_load(2, own=2.0) == 1.0
+    assert threads.others_load(2, own=4.0) == 0.0
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)  # our 4 of 16 processors: a quarter of it
+    monkeypatch.setattr(threads, "machine_load", lambda: 12.0)
+    assert threads.others_load(4) == 3.0
+
+
+def test_a_busy_machine_at_start_up_gets_fewer_threads(monkeypatch, capsys):
+    monkeypatch.setattr(threads, "usable_cores", lambda root=None: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "machine_load", lambda: 0.5)
+    assert threads.configure_threads(workers=0) == 2  # quiet: the policy's, as before
+    monkeypatch.setattr(threads, "_announced", False)
+    monkeypatch.setattr(threads, "machine_load", lambda: 4.2)
+    assert threads.configure_threads(workers=0) == 1
+    assert torch.get_num_threads() == 1
+    err = capsys.readouterr().err
+    assert "other programs keep 4.2 of them busy" in err and "re-checked every 30 s" in err
+    # what the user set is never changed, nor watched
+    assert threads.configure_threads(workers=0, requested=2, announce=False) == 2
+    assert threads.recheck_threads() is None
+
+
+def test_the_load_is_rechecked_while_training(monkeypatch, capsys):
+    clock = {"now": 1000.0, "cpu": 0.0}
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(threads.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(threads, "usable_cores", lambda root=None: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert threads.configure_threads(workers=0, announce=False) == 2  # quiet at start-up
+
+    def run(seconds: float, own: float, load: float) -> int | None:
+        monkeypatch.setattr(threads, "machine_load", lambda: load)
+        clock["now"] += seconds
+        clock["cpu"] += own * seconds
+        return threads.recheck_threads()
+
+    assert run(10, own=2, load=3.0) == 2  # not yet time for a look
+    assert run(25, own=1.4, load=3.4) == 1  # 2 others' of 2 cores: one thread
+    assert torch.get_num_threads() == 1
+    assert run(35, own=1, load=1.0) == 1  # they left, but a change holds 60 s
+    assert run(30, own=1, load=1.1) == 2  # the load is ours alone again
+    assert run(30, own=2, load=2.2) == 2  # ours: unchanged
+    assert "1 torch thread(s) from now on" in capsys.readouterr().err
+    # the watch's own changes are not the user's: a later configure still follows the policy
+    assert threads.user_threads() == (None, None)
 
 
 def test_what_the_user_set_wins(monkeypatch):

@@ -8,7 +8,8 @@ module per concern:
 - console: what the terminal shows (RichProgressBar, RichModelSummary);
 - wandb: what goes to the loggers, W&B's media mostly (LearningRateMonitor, LogPredictions,
   LogPerClassMetrics);
-- predictions: the masks and overlays that `predict` writes (PredictionWriter).
+- predictions: the masks and overlays that `predict` writes (PredictionWriter);
+- threads: torch's thread count re-checked on a busy machine while training (ThreadsRecheck).
 
 Every public name is importable from here, as the config files name the callbacks
 (`seglight.callbacks.ModelCheckpoint`).
@@ -25,6 +26,7 @@ from seglight.callbacks.console import RichModelSummary, RichProgressBar
 from seglight.callbacks.nonfinite import NonFiniteLossCheck
 from seglight.callbacks.predictions import PredictionWriter
 from seglight.callbacks.records import EVALUATION_CONFIG_ATTR, MetricsSummary
+from seglight.callbacks.threads import ThreadsRecheck
 from seglight.callbacks.wandb import LearningRateMonitor, LogPerClassMetrics, LogPredictions
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "PredictionWriter",
     "RichModelSummary",
     "RichProgressBar",
+    "ThreadsRecheck",
     "SafeCheckpoints",
     "rng_states",
     "set_rng_states",

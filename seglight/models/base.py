@@ -551,12 +551,19 @@ class SegmentationModel(L.LightningModule):
             NonFiniteLossCheck,
             PredictionWriter,
             SafeCheckpoints,
+            ThreadsRecheck,
         )
 
-        # also: checkpoints written atomically with the random states (exact resume), and a
-        # stop with a clear error at a NaN/Inf training or validation loss or model state (first:
-        # a diverged validation is not recorded in metrics.json)
-        callbacks: list = [NonFiniteLossCheck(), MetricsSummary(), SafeCheckpoints()]
+        # also: checkpoints written atomically with the random states (exact resume), a stop
+        # with a clear error at a NaN/Inf training or validation loss or model state (first: a
+        # diverged validation is not recorded in metrics.json), and torch's threads following
+        # the load
+        callbacks: list = [
+            NonFiniteLossCheck(),
+            MetricsSummary(),
+            SafeCheckpoints(),
+            ThreadsRecheck(),
+        ]
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             callbacks.append(PredictionWriter())
         return callbacks
