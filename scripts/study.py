@@ -91,7 +91,7 @@ SEMI_METHODS = {
 }
 #: steps per labelled fraction: long enough for the supervised reference at that fraction to
 #: reach its plateau (README); every method at a fraction gets the same budget
-SEMI_STEPS = {1.0: 3000, 0.25: 2000, 0.125: 2000}
+SEMI_STEPS = {1.0: 1500, 0.25: 1000, 0.125: 1000}
 
 
 def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
