@@ -43,6 +43,8 @@ COLUMNS = [
     "command",
 ]  # fmt: skip
 CURVE_COLUMNS = ["study", "method", "labeled", "seed", "step", "metric", "value"]
+#: the file in a run's folder that holds the command it was started with (a resume must match)
+STARTED_WITH = "study_command.txt"
 #: how many validations a run makes (one every steps / VALIDATIONS steps; 75% is the 15th)
 VALIDATIONS = 20
 
@@ -353,17 +355,27 @@ def seglight(stage: str, args: list[str]) -> list[str]:
 def execute(run: Run, runs_dir: Path, log: Path, dry_run: bool) -> None:
     run_dir = runs_dir / run.study / run.name
     fit = [*run.args, "--trainer.default_root_dir", str(run_dir)]
+    command = shlex.join(["python", "-m", "seglight", "fit", *run.args])
     resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    started_with = run_dir / STARTED_WITH
     if resume:
+        before = started_with.read_text().strip() if started_with.is_file() else "(not recorded)"
+        if before != command:  # resuming would mix two settings in one row
+            say(
+                f"REFUSED {run.study}/{run.name}: {run_dir} holds a run started with another "
+                f"command ({before}); remove the folder to start it again"
+            )
+            return
         fit += ["--ckpt_path", "last"]
     elif run_dir.exists() and not dry_run:  # a start that wrote nothing worth keeping
         import shutil
 
         shutil.rmtree(run_dir)
-    command = shlex.join(["python", "-m", "seglight", "fit", *run.args])
     if dry_run:
         print(("resume: " if resume else "") + command)
         return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started_with.write_text(command + "\n")
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     started = time.time()
     say(f"start {run.study}/{run.name}{' (resumed)' if resume else ''}")

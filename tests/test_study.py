@@ -115,6 +115,40 @@ def test_recorded_runs_are_skipped_and_rows_appended(study, tmp_path):
         assert next(csv.reader(f)) == study.COLUMNS
 
 
+def test_a_run_folder_started_with_another_command_is_not_resumed(
+    study, tmp_path, monkeypatch, capsys
+):
+    """A run's folder keeps the command it was started with; resuming it with other settings (a
+    changed optimiser or budget) would record one row trained under two, so it is refused."""
+    opts = study.argparse.Namespace(
+        methods="supervised", labeled="0.125", steps=400, runs_dir=str(tmp_path)
+    )
+    (run,) = study.semi_runs(opts, [0], ["--data.root", "X"])
+    folder = tmp_path / "semi" / run.name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (folder / study.STARTED_WITH).write_text("python -m seglight fit --model.lr 0.01\n")
+    calls = []
+    monkeypatch.setattr(
+        study.subprocess,
+        "run",
+        lambda *a, **k: calls.append(a) or study.argparse.Namespace(returncode=0),
+    )
+    study.execute(run, tmp_path, tmp_path / "logs" / "x", dry_run=False)
+    assert calls == [] and "REFUSED semi/" + run.name in capsys.readouterr().out
+    assert (folder / "checkpoints" / "last.ckpt").is_file()  # nothing removed
+    # the same command resumes
+    (folder / study.STARTED_WITH).write_text(
+        study.shlex.join(["python", "-m", "seglight", "fit", *run.args]) + "\n"
+    )
+    monkeypatch.setattr(study, "summarise", lambda *a: (dict.fromkeys(study.COLUMNS, ""), []))
+    (folder / "metrics.json").write_text("{}")
+    study.execute(run, tmp_path, tmp_path / "logs" / "x", dry_run=False)
+    assert (
+        "--ckpt_path" in calls[0][0] and calls[0][0][calls[0][0].index("--ckpt_path") + 1] == "last"
+    )
+
+
 def test_no_method_runs_without_unlabelled_images(study, tmp_path):
     opts = study.argparse.Namespace(
         methods=None, labeled="1.0,0.125", steps=None, runs_dir=str(tmp_path)
