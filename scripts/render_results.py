@@ -37,6 +37,8 @@ METHOD_NAMES = {
     "decoupled": "DecoupledNet",
     "mask2former": "Mask2Former (small)",
     "maskrcnn": "Mask R-CNN",
+    "threads1": "1 thread",
+    "threads2": "2 threads",
 }
 
 
@@ -145,7 +147,38 @@ def maskrcnn_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
-TABLES = {"semi": semi_table, "mask2former": mask2former_table, "maskrcnn": maskrcnn_table}
+def quickstart_table(rows: list[dict[str, str]]) -> str:
+    """Per seed, the quickstart's best and final val mIoU at 1 and 2 threads and their gap."""
+    by = {(r["seed"], r["method"]): r for r in rows}
+    out = [
+        "| seed | best val mIoU, 1 thread | best val mIoU, 2 threads | gap (points) | "
+        "final val mIoU, 1 / 2 threads | test mIoU, 1 / 2 threads | wall (s), 1 / 2 threads |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for seed in sorted({r["seed"] for r in rows}, key=int):
+        one, two = by.get((seed, "threads1")), by.get((seed, "threads2"))
+
+        def cell(run: dict | None, key: str) -> str:
+            return run[key] if run and run[key] else "-"
+
+        gap = "-"
+        if one and two:
+            gap = f"{abs(float(one['val_mIoU_best']) - float(two['val_mIoU_best'])):.2f}"
+        out.append(
+            f"| {seed} | {cell(one, 'val_mIoU_best')} | {cell(two, 'val_mIoU_best')} | {gap} | "
+            f"{cell(one, 'val_mIoU')} / {cell(two, 'val_mIoU')} | "
+            f"{cell(one, 'test_mIoU')} / {cell(two, 'test_mIoU')} | "
+            f"{cell(one, 'wall_s')} / {cell(two, 'wall_s')} |"
+        )
+    return "\n".join(out)
+
+
+TABLES = {
+    "semi": semi_table,
+    "mask2former": mask2former_table,
+    "maskrcnn": maskrcnn_table,
+    "quickstart": quickstart_table,
+}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -277,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         ("semi", "mIoU", "val mIoU (%)"),
         ("mask2former", "mIoU", "val mIoU (%)"),
         ("maskrcnn", "mask_mAP50", "val mask mAP50 (%)"),
+        ("quickstart", "mIoU", "val mIoU (%)"),
     ):
         if plot_curves(name, metric, label, RESULTS / f"{name}_curves.png"):
             written.append(f"results/{name}_curves.png")

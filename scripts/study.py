@@ -62,6 +62,7 @@ class Run:
     args: list[str]  # fit's arguments after `fit` (configs and overrides), without run folder
     monitor: str = "mIoU"  # the history key that val_mIoU columns read (mask_mAP50 for Mask R-CNN)
     extra: dict[str, str] = field(default_factory=dict)
+    threads: int = 1  # torch threads of the run (the quickstart study compares 1 and 2)
 
     @property
     def name(self) -> str:
@@ -136,6 +137,34 @@ def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
                 ]  # fmt: skip
                 runs.append(Run("semi", method, network, frac, seed, steps, run_args))
     return runs
+
+
+def quickstart_runs(
+    opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
+) -> list[Run]:
+    """The README's main job as a new user runs it, at 1 and 2 threads per seed: the recipe must
+    land above 80% and within 2 points across thread counts (issue 23). The method column names
+    the thread count; 1600 steps (10 epochs of 160)."""
+    return [
+        Run(
+            "quickstart",
+            f"threads{threads}",
+            "UNet-original",
+            None,
+            seed,
+            opts.steps or 1600,
+            [
+                "--config",
+                "experiments/quickstart.yaml",
+                "--seed_everything",
+                str(seed),
+                *passthrough,
+            ],
+            threads=threads,
+        )  # fmt: skip
+        for seed in seeds
+        for threads in (1, 2)
+    ]
 
 
 def maskrcnn_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
@@ -238,7 +267,12 @@ def camvid_image_labels(passthrough: list[str], folder: Path) -> Path:
     return path
 
 
-STUDIES = {"semi": semi_runs, "maskrcnn": maskrcnn_runs, "mask2former": mask2former_runs}
+STUDIES = {
+    "semi": semi_runs,
+    "maskrcnn": maskrcnn_runs,
+    "mask2former": mask2former_runs,
+    "quickstart": quickstart_runs,
+}
 
 
 # ----------------------------------------------------------------------------- records
@@ -348,14 +382,21 @@ def summarise(run: Run, run_dir: Path, wall_s: float, command: str) -> tuple[dic
 
 
 # ----------------------------------------------------------------------------- running
-def seglight(stage: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "seglight", stage, *args, "--threads", "1"]
+def seglight(stage: str, args: list[str], threads: int = 1) -> list[str]:
+    return [sys.executable, "-m", "seglight", stage, *args, "--threads", str(threads)]
+
+
+def command_of(run: Run) -> str:
+    """The fit command a run is started with (its row's `command`), without its run folder."""
+    return shlex.join(["python", "-m", "seglight", "fit", *run.args, "--threads", str(run.threads)])
 
 
 def execute(run: Run, runs_dir: Path, log: Path, dry_run: bool) -> None:
     run_dir = runs_dir / run.study / run.name
     fit = [*run.args, "--trainer.default_root_dir", str(run_dir)]
-    command = shlex.join(["python", "-m", "seglight", "fit", *run.args])
+    command = shlex.join(
+        ["python", "-m", "seglight", "fit", *run.args, "--threads", str(run.threads)]
+    )
     resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
     started_with = run_dir / STARTED_WITH
     if resume:
@@ -381,13 +422,17 @@ def execute(run: Run, runs_dir: Path, log: Path, dry_run: bool) -> None:
     say(f"start {run.study}/{run.name}{' (resumed)' if resume else ''}")
     log.parent.mkdir(parents=True, exist_ok=True)
     with (log.parent / f"{run.study}-{run.name}.log").open("a") as out:
-        done = subprocess.run(seglight("fit", fit), cwd=REPO, stdout=out, stderr=out, env=env)
+        done = subprocess.run(
+            seglight("fit", fit, run.threads), cwd=REPO, stdout=out, stderr=out, env=env
+        )
         if done.returncode != 0:
             say(f"FAILED {run.study}/{run.name} (exit {done.returncode}; see {out.name})")
             return
         last = run_dir / "checkpoints" / "last.ckpt"
         test = [*run.args, "--trainer.default_root_dir", str(run_dir), "--ckpt_path", str(last)]
-        done = subprocess.run(seglight("test", test), cwd=REPO, stdout=out, stderr=out, env=env)
+        done = subprocess.run(
+            seglight("test", test, run.threads), cwd=REPO, stdout=out, stderr=out, env=env
+        )
         if done.returncode != 0:
             say(f"FAILED test of {run.study}/{run.name} (see {out.name})")
             return

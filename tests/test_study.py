@@ -138,9 +138,7 @@ def test_a_run_folder_started_with_another_command_is_not_resumed(
     assert calls == [] and "REFUSED semi/" + run.name in capsys.readouterr().out
     assert (folder / "checkpoints" / "last.ckpt").is_file()  # nothing removed
     # the same command resumes
-    (folder / study.STARTED_WITH).write_text(
-        study.shlex.join(["python", "-m", "seglight", "fit", *run.args]) + "\n"
-    )
+    (folder / study.STARTED_WITH).write_text(study.command_of(run) + "\n")
     monkeypatch.setattr(study, "summarise", lambda *a: (dict.fromkeys(study.COLUMNS, ""), []))
     (folder / "metrics.json").write_text("{}")
     study.execute(run, tmp_path, tmp_path / "logs" / "x", dry_run=False)
@@ -198,3 +196,20 @@ def test_readme_sections_are_rendered_from_the_csv(render):
     # test 43.0 ± 1.0; paired gains 2, 3, 4 -> +3.0 [+0.5, +5.5]; 3 of 3 converged
     assert "| 1/8 | FixMatch | 3 | 44.0 ± 1.0 | 43.0 ± 1.0 | +3.0 [+0.5, +5.5] | 3/3 |" in fixmatch
     assert render.main(["--check"]) == 0
+
+
+def test_quickstart_study_pairs_thread_counts_per_seed(study, render, tmp_path):
+    opts = study.argparse.Namespace(steps=None)
+    runs = study.quickstart_runs(opts, [0, 1], [])
+    assert [(r.name, r.threads, r.steps) for r in runs] == [
+        ("threads1-s0", 1, 1600), ("threads2-s0", 2, 1600),
+        ("threads1-s1", 1, 1600), ("threads2-s1", 2, 1600),
+    ]  # fmt: skip
+    assert study.seglight("fit", [], runs[1].threads)[-2:] == ["--threads", "2"]
+    rows = [
+        dict.fromkeys(study.COLUMNS, "")
+        | {"method": f"threads{t}", "seed": "0", "val_mIoU_best": best, "val_mIoU": best}
+        for t, best in ((1, "94.00"), (2, "92.50"))
+    ]
+    table = render.quickstart_table(rows)
+    assert "| 0 | 94.00 | 92.50 | 1.50 | 94.00 / 92.50 |" in table
