@@ -97,6 +97,17 @@ SEMI_METHODS = {
 SEMI_STEPS = {1.0: 1500, 0.25: 1000, 0.125: 1000}
 
 
+def budget(seed: int, steps: int, passthrough: list[str]) -> list[str]:
+    """The arguments every study run ends with: its seed, its step budget, validation every
+    1/VALIDATIONS of it, then the user's own options."""
+    return [
+        "--seed_everything", str(seed),
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps // VALIDATIONS),
+        *passthrough,
+    ]  # fmt: skip
+
+
 def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]) -> list[Run]:
     methods = opts.methods.split(",") if opts.methods else list(SEMI_METHODS)
     fractions = [float(f) for f in opts.labeled.split(",")]
@@ -130,10 +141,7 @@ def semi_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[str]
                     *args,
                     "--data.init_args.labeled", f"{frac:g}",
                     "--data.init_args.seed", str(seed),
-                    "--seed_everything", str(seed),
-                    "--trainer.max_steps", str(steps),
-                    "--trainer.val_check_interval", str(steps // VALIDATIONS),
-                    *passthrough,
+                    *budget(seed, steps, passthrough),
                 ]  # fmt: skip
                 runs.append(Run("semi", method, network, frac, seed, steps, run_args))
     return runs
@@ -180,13 +188,7 @@ def maskrcnn_runs(opts: argparse.Namespace, seeds: list[int], passthrough: list[
             [
                 "--config",
                 "experiments/cpu/maskrcnn_synthetic.yaml",
-                "--seed_everything",
-                str(seed),
-                "--trainer.max_steps",
-                str(steps),
-                "--trainer.val_check_interval",
-                str(steps // VALIDATIONS),
-                *passthrough,
+                *budget(seed, steps, passthrough),
             ],
             monitor="mask_mAP50",
         )  # fmt: skip
@@ -221,13 +223,7 @@ def mask2former_runs(
                 "1.0",
                 "--data.init_args.seed",
                 str(seed),
-                "--seed_everything",
-                str(seed),
-                "--trainer.max_steps",
-                str(steps),
-                "--trainer.val_check_interval",
-                str(steps // VALIDATIONS),
-                *passthrough,
+                *budget(seed, steps, passthrough),
             ],
         )  # fmt: skip
         for seed in seeds
