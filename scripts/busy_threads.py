@@ -15,14 +15,14 @@ own load (other users) is printed before and after each round: name it beside th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from thread_policy_runs import fit as fit_run  # scripts/ is on the path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,26 +38,12 @@ OPTIONS: dict[str, tuple[int | None, dict[str, str]]] = {
 
 def fit(batches: int, threads: int | None, extra_env: dict[str, str]) -> tuple[float, float, str]:
     """(training images/s, wall seconds, seglight's thread line) of one quickstart run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "seglight", "fit",
-               "--config", str(REPO / "experiments/quickstart.yaml"),
-               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches),
-               "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-               "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
-               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp]  # fmt: skip
-        if threads is not None:
-            cmd += ["--threads", str(threads)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", **extra_env}
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SEGLIGHT_THREADS"):
-            env.pop(name, None)
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise SystemExit(done.stderr[-3000:])
-        summary = json.loads((Path(tmp) / "metrics.json").read_text())
-        line = next((x for x in done.stderr.splitlines() if "torch thread" in x), "")
-        return summary["throughput"]["train_images_per_s"], wall, line
+    return fit_run(
+        ["--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", str(batches), "--trainer.limit_val_batches", "0",
+         "--trainer.enable_progress_bar", "false"],
+        threads, extra_env,
+    )  # fmt: skip
 
 
 def main() -> None:

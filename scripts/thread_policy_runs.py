@@ -40,8 +40,11 @@ def runs(camvid: str | None) -> dict[str, list[str]]:
     return out
 
 
-def fit(args: list[str], threads: int | None) -> tuple[float, float]:
-    """(training images/s, wall seconds) of one run."""
+def fit(
+    args: list[str], threads: int | None, extra_env: dict[str, str] | None = None
+) -> tuple[float, float, str]:
+    """(training images/s, wall seconds, seglight's thread line) of one run, with the thread
+    variables of this shell removed (and `extra_env` set)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "seglight", "fit", *args, "--trainer.logger", "false",
                "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
@@ -51,13 +54,15 @@ def fit(args: list[str], threads: int | None) -> tuple[float, float]:
         env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SEGLIGHT_THREADS"):
             env.pop(name, None)
+        env.update(extra_env or {})
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(done.stderr[-3000:])
         summary = json.loads((Path(tmp) / "metrics.json").read_text())
-        return summary["throughput"]["train_images_per_s"], wall
+        line = next((x for x in done.stderr.splitlines() if "torch thread" in x), "")
+        return summary["throughput"]["train_images_per_s"], wall, line
 
 
 def main() -> None:
@@ -81,7 +86,7 @@ def main() -> None:
             try:
                 for name, run_args in runs(args.camvid).items():
                     for label, threads in settings[name]:
-                        rate, wall = fit(run_args, threads)
+                        rate, wall, _ = fit(run_args, threads)
                         key = (name, "busy" if busy else "quiet", label)
                         results.setdefault(key, []).append(rate)
                         print(f"{key}: {rate:.2f} images/s, {wall:.1f} s wall", flush=True)
