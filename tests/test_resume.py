@@ -42,6 +42,14 @@ class KillDuringSave(L.Callback):
         if trainer.global_step == self.step:
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, self.max_bytes))
+
+class KillAtEpochStart(L.Callback):
+    """SIGKILL at the start of epoch `epoch`: right after the previous epoch's checkpoints."""
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+    def on_train_epoch_start(self, trainer, *args):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 

@@ -19,21 +19,9 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 from PIL import Image
+from test_resume import KILLERS
 
 QUICKSTART = str(REPO / "experiments" / "quickstart.yaml")
-
-#: kill -9 at the start of an epoch: right after the previous epoch's checkpoints were written
-KILLER = """
-import os, signal
-import lightning as L
-
-class KillAtEpochStart(L.Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-    def on_train_epoch_start(self, trainer, *args):
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
-"""
 
 
 def make_binary_folder(root: Path, n: int = 12, size: tuple[int, int] = (24, 32)) -> Path:
@@ -120,7 +108,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("semi", [False, True], ids=["unet", "fixmatch"])
 def test_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path, semi):
     make_binary_folder(tmp_path / "data")
-    (tmp_path / "killers.py").write_text(KILLER)
+    (tmp_path / "killers.py").write_text(KILLERS)
     cfg = config(tmp_path / "run.yaml", semi)
     straight = tmp_path / "straight"
     fit(tmp_path, cfg, straight)
